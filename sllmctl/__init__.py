@@ -1,0 +1,24 @@
+"""sllmctl: start large language models fast.
+
+The public Python API is `load_state_dict`; it is imported lazily so that the CLI starts
+without torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    import torch
+
+
+def load_state_dict(name: str, device: Any = "cpu", **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Load a stored model's tensors, every checksum verified.
+
+    See `sllmctl.store.reader.load_state_dict` for the options.
+    """
+    from sllmctl.store.reader import load_state_dict as load
+
+    return load(name, device=device, **kwargs)

@@ -1,0 +1,3 @@
+from sllmctl.cli import main
+
+main()

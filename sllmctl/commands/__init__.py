@@ -1,0 +1,1 @@
+"""One module per command: check flags, call one library function, hand over the result."""

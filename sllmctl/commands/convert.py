@@ -1,0 +1,53 @@
+"""sllmctl convert SRC --name NAME: turn a checkpoint into the loading-optimized format."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.output import Out, human_count, human_size
+
+NAME = "convert"
+
+
+def command(
+    src: Annotated[Path, typer.Argument(help="Model folder, .safetensors, .bin or .gguf file.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name in the store.")],
+    dtype: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Cast floating-point weights: bf16, f16, f32 (GGUF default: bf16)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model of that name.")] = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a checkpoint (safetensors, PyTorch .bin, GGUF) into the store."""
+    out = Out(json, quiet)
+    data = convert_and_report(out, src, name, dtype, force)
+    out.result(data, lambda: print(
+        f"converted {data['name']}: {human_count(data['parameters'])} parameters, "
+        f"{human_size(data['bytes'])} in {data['files']} file(s), {data['seconds']:.1f} s"
+    ))
+
+
+def convert_and_report(out: Out, src: Path, name: str, dtype: str | None,
+                       force: bool) -> dict[str, object]:
+    from sllmctl.store.writer import convert
+
+    start = time.perf_counter()
+    with out.progress(f"converting {name}") as bar:
+        manifest = convert(src, name, dtype=dtype, force=force, progress=bar.advance,
+                           on_total=bar.set_total)
+    return {
+        "name": manifest.name,
+        "tensors": len(manifest.tensors),
+        "parameters": manifest.parameters,
+        "bytes": manifest.total_bytes,
+        "files": len(manifest.files),
+        "seconds": round(time.perf_counter() - start, 3),
+        "provenance": manifest.provenance,
+    }

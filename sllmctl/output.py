@@ -1,0 +1,137 @@
+"""The shared output helper: data on stdout, progress and errors on stderr.
+
+Commands build a result (plain data) and hand it to `Out.result` with a function that
+renders it for people; `--json` prints the data as one JSON document instead. Errors take
+one path, `fail`, which prints `error:` and `hint:` lines and picks the exit code.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from sllmctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, SllmError
+
+ProgressFn = Callable[[int], None]
+
+# OSErrors that users cause or can fix, with what to do next
+_OS_HINTS = {
+    errno.ENOSPC: "free disk space, or point SLLMCTL_HOME at a larger file system",
+    errno.EDQUOT: "free disk space, or point SLLMCTL_HOME at a larger file system",
+    errno.EACCES: "check the permissions of the path, or set SLLMCTL_HOME",
+    errno.EROFS: "set SLLMCTL_HOME to a writable file system",
+    errno.ENOENT: "check the path",
+}
+
+
+class Out:
+    def __init__(self, json_mode: bool = False, quiet: bool = False) -> None:
+        self.json = json_mode
+        self.quiet = quiet
+
+    @property
+    def interactive(self) -> bool:
+        return not (self.json or self.quiet) and sys.stderr.isatty()
+
+    def result(self, data: Any, human: Callable[[], None] | None = None) -> None:
+        if self.json or human is None:
+            sys.stdout.write(json.dumps(data, indent=None if not sys.stdout.isatty() else 1))
+            sys.stdout.write("\n")
+        elif not self.quiet:
+            human()
+        sys.stdout.flush()
+
+    def info(self, message: str) -> None:
+        if not (self.json or self.quiet):
+            print(message, file=sys.stderr)
+
+    @contextmanager
+    def progress(self, description: str, total: int = 0) -> Iterator[Bar]:
+        """A byte-counting progress bar on stderr; silent where nobody watches."""
+        if not self.interactive:
+            yield Bar()
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(
+            "[progress.description]{task.description}", *columns, console=stderr_console(),
+            transient=True,
+        ) as bar:
+            task = bar.add_task(description, total=total or None)
+            yield Bar(lambda n: bar.update(task, total=n), lambda n: bar.advance(task, n))
+
+
+class Bar:
+    """Callbacks that library code reports progress through (no-ops when silent)."""
+
+    def __init__(self, set_total: ProgressFn | None = None,
+                 advance: ProgressFn | None = None) -> None:
+        self.set_total: ProgressFn = set_total or _ignore
+        self.advance: ProgressFn = advance or _ignore
+
+
+def _ignore(_: int) -> None:
+    return None
+
+
+def stdout_console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def fail(exc: BaseException) -> NoReturn:
+    """Print one error line (and a hint) for `exc` and exit with its code."""
+    if os.environ.get("SLLMCTL_DEBUG"):
+        traceback.print_exception(exc)
+    code = EXIT_ERROR
+    hint: str | None = None
+    if isinstance(exc, SllmError):
+        message, hint, code = exc.message, exc.hint, exc.exit_code
+    elif isinstance(exc, KeyboardInterrupt):
+        message, code = "interrupted", EXIT_INTERRUPTED
+    elif isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}"
+        hint = _OS_HINTS.get(exc.errno or 0)
+    else:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        hint = "run again with SLLMCTL_DEBUG=1 for a traceback, and report it"
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,1 @@
+"""The local checkpoint store: format, conversion, listing and loading."""

@@ -1,0 +1,200 @@
+"""The sllmctl checkpoint format, version 1 (specified in docs/format.md).
+
+A model is a folder holding `manifest.json`, one or more raw data files
+(`data-00000.bin`, ...) and the source's non-weight files under `files/`.
+Every tensor starts at a multiple of ALIGNMENT in its data file and every data file is
+padded to a multiple of ALIGNMENT, so any chunk can be read with O_DIRECT straight into
+an aligned buffer and any tensor viewed in place. Each data file is covered by
+checksums over fixed-size chunks (the last one may be shorter).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sllmctl.errors import CorruptCheckpoint
+
+MAGIC = "sllmctl-checkpoint"
+FORMAT_VERSION = 1
+ALIGNMENT = 4096  # bytes; O_DIRECT block and page size, and a multiple of every GPU access width
+CHUNK_SIZE = 16 << 20  # bytes covered by one checksum; a multiple of ALIGNMENT
+CHECKSUM = "sum64x2"
+PAGE_WORDS = 512  # 4096 bytes of 64-bit words per checksum page
+MANIFEST = "manifest.json"
+FILES_DIR = "files"
+
+# format dtype name -> (bytes per element, torch dtype attribute name).
+# The names are those of safetensors; F8_E8M0 and C64 follow its spelling too.
+DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"),
+    "U8": (1, "uint8"),
+    "I8": (1, "int8"),
+    "U16": (2, "uint16"),
+    "I16": (2, "int16"),
+    "U32": (4, "uint32"),
+    "I32": (4, "int32"),
+    "U64": (8, "uint64"),
+    "I64": (8, "int64"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F32": (4, "float32"),
+    "F64": (8, "float64"),
+    "C64": (8, "complex64"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+}
+
+# --dtype spellings accepted on the command line
+DTYPE_ALIASES = {
+    "bf16": "BF16", "bfloat16": "BF16",
+    "f16": "F16", "fp16": "F16", "float16": "F16", "half": "F16",
+    "f32": "F32", "fp32": "F32", "float32": "F32", "float": "F32",
+    "f64": "F64", "float64": "F64",
+}
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, DTYPES[name][1])
+
+
+def dtype_name(dtype: Any) -> str:
+    """Format name of a torch dtype."""
+    attr = str(dtype).removeprefix("torch.")
+    for name, (_, a) in DTYPES.items():
+        if a == attr:
+            return name
+    raise ValueError(f"dtype {dtype} has no sllmctl format name")
+
+
+def align_up(n: int, a: int = ALIGNMENT) -> int:
+    return (n + a - 1) // a * a
+
+
+def checksum_numpy(buf: Any) -> str:
+    """sum64x2 of a byte buffer whose length is a multiple of 8 (the reference twin).
+
+    Words are little-endian uint64; page p holds words [512p, 512p+512). With P_p the
+    sum of page p mod 2**64: s1 = sum(P_p), s2 = sum((p+1) * P_p), both mod 2**64.
+    Returns 32 hex digits, s1 then s2.
+    """
+    words = np.frombuffer(buf, dtype="<u8")
+    full = len(words) // PAGE_WORDS * PAGE_WORDS
+    pages = words[:full].reshape(-1, PAGE_WORDS).sum(axis=1, dtype=np.uint64)
+    if full < len(words):
+        pages = np.append(pages, words[full:].sum(dtype=np.uint64))
+    weights = np.arange(1, len(pages) + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        s1 = int(pages.sum(dtype=np.uint64))
+        s2 = int((pages * weights).sum(dtype=np.uint64))
+    return f"{s1:016x}{s2:016x}"
+
+
+@dataclass
+class TensorEntry:
+    dtype: str
+    shape: list[int]
+    file: int
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class DataFile:
+    path: str
+    size: int
+    checksums: list[str]
+
+
+@dataclass
+class Manifest:
+    name: str
+    files: list[DataFile]
+    tensors: dict[str, TensorEntry]
+    aliases: dict[str, str] = field(default_factory=dict)
+    extra_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    magic: str = MAGIC
+    format_version: int = FORMAT_VERSION
+    alignment: int = ALIGNMENT
+    chunk_size: int = CHUNK_SIZE
+    checksum: str = CHECKSUM
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def parameters(self) -> int:
+        n = 0
+        for t in self.tensors.values():
+            count = 1
+            for d in t.shape:
+                count *= d
+            n += count
+        return n
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        head = {k: d.pop(k) for k in ("magic", "format_version", "name")}
+        return json.dumps({**head, **d}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise CorruptCheckpoint(f"{where}: manifest is not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("magic") != MAGIC:
+            raise CorruptCheckpoint(f"{where}: not an sllmctl manifest (bad magic)")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CorruptCheckpoint(
+                f"{where}: format version {d.get('format_version')} is not supported "
+                f"(this sllmctl reads version {FORMAT_VERSION})",
+                hint="upgrade sllmctl, or convert the model again",
+            )
+        try:
+            m = cls(
+                **{
+                    **d,
+                    "files": [DataFile(**f) for f in d["files"]],
+                    "tensors": {k: TensorEntry(**t) for k, t in d["tensors"].items()},
+                }
+            )
+        except (TypeError, KeyError, AttributeError) as e:
+            raise CorruptCheckpoint(f"{where}: malformed manifest ({e})") from None
+        m.validate(where)
+        return m
+
+    def validate(self, where: str) -> None:
+        """Reject a manifest whose entries could read outside the data files."""
+        if self.checksum != CHECKSUM or self.chunk_size % ALIGNMENT or self.alignment != ALIGNMENT:
+            raise CorruptCheckpoint(f"{where}: unsupported checksum/chunk/alignment settings")
+        for f in self.files:
+            if "/" in f.path or f.path.startswith(".") or f.size % ALIGNMENT:
+                raise CorruptCheckpoint(f"{where}: bad data file entry {f.path!r}")
+            if len(f.checksums) != -(-f.size // self.chunk_size):
+                raise CorruptCheckpoint(f"{where}: {f.path} has the wrong number of checksums")
+        for name, t in self.tensors.items():
+            if t.dtype not in DTYPES or not 0 <= t.file < len(self.files):
+                raise CorruptCheckpoint(f"{where}: tensor {name!r} has a bad dtype or file")
+            count = 1
+            for d in t.shape:
+                count *= d
+            if (
+                t.nbytes != count * DTYPES[t.dtype][0]
+                or t.offset % ALIGNMENT
+                or t.offset + t.nbytes > self.files[t.file].size
+            ):
+                raise CorruptCheckpoint(f"{where}: tensor {name!r} has a bad offset or size")
+        for alias, target in self.aliases.items():
+            if target not in self.tensors:
+                raise CorruptCheckpoint(f"{where}: alias {alias!r} points to a missing tensor")
