@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Start large language models fast: convert, store, warm and serve checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,  # static scripts ship in completions/
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -1,10 +1,10 @@
 """Paths and settings, resolved in one place: flag > environment > config file > default.
 
-| setting     | environment           | config key    | default                                   |
-|-------------|-----------------------|---------------|-------------------------------------------|
-| home        | SLLMCTL_HOME          | home          | ~/.sllmctl                                |
-| runtime dir | SLLMCTL_RUNTIME_DIR   | runtime_dir   | $XDG_RUNTIME_DIR/sllmctl or /tmp/sllmctl-UID |
-| config file | SLLMCTL_CONFIG        |               | ~/.config/sllmctl/config.toml             |
+| setting     | environment         | config key  | default                                    |
+|-------------|---------------------|-------------|--------------------------------------------|
+| home        | SLLMCTL_HOME        | home        | ~/.sllmctl                                 |
+| runtime dir | SLLMCTL_RUNTIME_DIR | runtime_dir | $XDG_RUNTIME_DIR/sllmctl, /tmp/sllmctl-UID |
+| config file | SLLMCTL_CONFIG      |             | ~/.config/sllmctl/config.toml              |
 
 The store lives under `<home>/models`. Nothing is read until a command needs it.
 """
@@ -45,7 +45,8 @@ def config() -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise SllmError(f"config file {path} cannot be read: {e}", hint="fix or remove it") from None
+        raise SllmError(f"config file {path} cannot be read: {e}",
+                        hint="fix or remove it") from None
 
 
 def setting(key: str, env: str, default: str) -> str:

@@ -100,7 +100,8 @@ def test_verify_reports_corruption(checkpoint: Path, home: Path) -> None:
 
 def test_home_flag_and_config_file(checkpoint: Path, tmp_path: Path) -> None:
     other = tmp_path / "other-home"
-    assert sllmctl("--home", str(other), "convert", str(checkpoint), "-n", "x", "-q").returncode == 0
+    r = sllmctl("--home", str(other), "convert", str(checkpoint), "-n", "x", "-q")
+    assert r.returncode == 0
     assert (other / "models" / "x").is_symlink()
     assert json.loads(sllmctl("ls", "--json").stdout) == []  # SLLMCTL_HOME is untouched
     cfg = tmp_path / "config.toml"

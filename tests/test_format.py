@@ -210,7 +210,8 @@ def test_flipped_byte_is_caught_by_load_and_verify(tmp_path: Path, where: str) -
         f.seek(pos)
         f.write(bytes([byte[0] ^ 0x10]))
     chunk = pos // Manifest.chunk_size
-    with pytest.raises(CorruptCheckpoint, match=rf"model m: data file data-00000.bin chunk {chunk} "):
+    message = rf"model m: data file data-00000.bin chunk {chunk} "
+    with pytest.raises(CorruptCheckpoint, match=message):
         sllmctl.load_state_dict("m")
     report = verify("m")
     assert not report.ok and [b["chunk"] for b in report.bad] == [chunk]

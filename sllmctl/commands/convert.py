@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -35,7 +35,7 @@ def command(
 
 
 def convert_and_report(out: Out, src: Path, name: str, dtype: str | None,
-                       force: bool) -> dict[str, object]:
+                       force: bool) -> dict[str, Any]:
     from sllmctl.store.writer import convert
 
     start = time.perf_counter()

@@ -9,15 +9,14 @@ import typer
 from sllmctl.commands._common import JsonOpt, QuietOpt
 from sllmctl.commands.convert import convert_and_report
 from sllmctl.commands.ls import command as ls_command
-from sllmctl.commands.show import describe
-from sllmctl.commands.show import print_model
+from sllmctl.commands.show import describe, print_model
 from sllmctl.output import Out
 
 NAME = "demo"
 
 
 def command(
-    force: Annotated[bool, typer.Option("--force", help="Convert again if already stored.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Convert it again.")] = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -40,4 +39,4 @@ def command(
     print("$ sllmctl ls")
     ls_command()
     print(f"\n$ sllmctl show {DEMO_NAME}")
-    print_model(data["model"])
+    print_model(describe(DEMO_NAME, tensors=False))

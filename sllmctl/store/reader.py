@@ -139,6 +139,10 @@ def load_state_dict(
 
     model = (store or Store()).get(name)
     device = torch.device(device)
+    if device.type == "cuda":
+        from sllmctl.store.gpu_loader import load_to_gpu
+
+        return load_to_gpu(model, device, verify=verify)
     buffers = [read_file(model, f, verify=verify, threads=threads)
                for f in model.manifest.files]
     if device.type != "cpu":
@@ -184,6 +188,9 @@ def verify(name: str, *, store: Store | None = None, threads: int | None = None,
                 n, sums = native.read_verify(fd, buf.data_ptr(), length, start, chunk,
                                              threads or default_threads())
                 first = start // chunk
+                if n != length:
+                    report.bad.append({"file": f.path, "chunk": first + len(sums),
+                                       "error": f"file ends early, at byte {start + n}"})
                 for i, got in enumerate(sums, start=first):
                     if got != f.checksums[i]:
                         report.bad.append({"file": f.path, "chunk": i,

@@ -203,7 +203,7 @@ def _open_torch(files: list[Path]) -> Source:
                     name=str(name),
                     dtype=dtype_name(t.dtype),
                     shape=tuple(t.shape),
-                    load=(lambda t=t: t.contiguous()),
+                    load=t.contiguous,
                     storage_key=key,
                 )
             )

@@ -14,7 +14,6 @@ import numpy as np
 from sllmctl import __version__
 from sllmctl.errors import AlreadyExists, SllmError
 from sllmctl.store.format import (
-    ALIGNMENT,
     CHUNK_SIZE,
     DTYPE_ALIASES,
     DTYPES,
@@ -176,7 +175,7 @@ def _tensor_bytes(tensor: SourceTensor, dtype: str) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.view(torch.uint8).numpy().data).cast("B")
 
 
 def _dominant_dtype(tensors: dict[str, TensorEntry]) -> str:
@@ -252,7 +251,7 @@ class _ChunkWriter:
         if not self.fill:
             return
         self.checksums.append(self._checksum(self.buf.ctypes.data, self.fill))
-        view = memoryview(self.buf)[: self.fill]
+        view = self.buf.data[: self.fill]
         while view:
             n = self.f.write(view)
             view = view[n:]

@@ -1,0 +1,385 @@
+"""Checkpoint load benchmark: sllmctl against its peers, on one CUDA machine, in one run.
+
+    python benchmarks/load.py [--layers 32] [--dir bench-data] [--peers all]
+
+Generates a random Llama-3.1-8B-shaped bf16 checkpoint (5 safetensors shards, real shapes;
+fewer layers with --layers for a quick run), converts it with sllmctl, then prints:
+  - the limits: one pinned host->GPU copy, and the disk's O_DIRECT read rate;
+  - time to a usable state dict on the GPU (allocation, copies, views, checksums for
+    sllmctl) and GB/s for sllmctl, safetensors load_file(device="cuda"),
+    runai-model-streamer, fastsafetensors (nogds) and instanttensor, each cold (page cache
+    dropped) and warm (page cache hot), and sllmctl's in-memory mode (chunks already pinned);
+  - ratios against the limits and against the best peer of the same run.
+Writes the figures as JSON under benchmarks/results/. Needs root (drop_caches) and CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GB = 1e9
+HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 4096, 14336, 128256, 32, 8
+
+
+def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    head = HIDDEN // HEADS
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+            p + "self_attn.k_proj.weight": (KV_HEADS * head, HIDDEN),
+            p + "self_attn.v_proj.weight": (KV_HEADS * head, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+            p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER),
+        }
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+def generate(src: Path, layers: int, shards: int = 5) -> list[Path]:
+    """Random bf16 weights of the real shapes, split into `shards` safetensors files."""
+    from safetensors.torch import save_file
+
+    index = src / "model.safetensors.index.json"
+    if index.exists() and json.loads(index.read_text())["metadata"].get("layers") == layers:
+        return sorted(src.glob("*.safetensors"))
+    src.mkdir(parents=True, exist_ok=True)
+    for old in src.glob("*.safetensors"):
+        old.unlink()
+    shapes = llama_shapes(layers)
+    total = sum(torch.Size(s).numel() * 2 for s in shapes.values())
+    per_shard = total / shards
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        if size >= per_shard * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(name)
+        size += torch.Size(shape).numel() * 2
+    weight_map = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for i, names in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: (torch.randn(shapes[n], generator=g, device="cuda", dtype=torch.float32)
+                       * 0.02).to(torch.bfloat16).cpu() for n in names}
+        save_file(tensors, src / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, fname))
+        del tensors
+    index.write_text(json.dumps({"metadata": {"total_size": total, "layers": layers},
+                                 "weight_map": weight_map}))
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "torch_dtype": "bfloat16"}))
+    os.sync()
+    return sorted(src.glob("*.safetensors"))
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def warm_files(paths: list[Path]) -> None:
+    buf = bytearray(64 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def free_gpu() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def timed(fn: Callable[[], dict[str, torch.Tensor]]) -> tuple[float, int]:
+    free_gpu()
+    start = time.perf_counter()
+    state = fn()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
+    del state
+    free_gpu()
+    return seconds, nbytes
+
+
+# ---------------------------------------------------------------- limits
+
+def pinned_copy_limit(nbytes: int = 4 << 30, repeats: int = 5) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.fill_(1)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del host, dev
+    free_gpu()
+    return nbytes / min(times[1:]) / GB
+
+
+def disk_rate(files: list[Path], direct: bool, threads: int) -> float:
+    """Read every data file after dropping the page cache, many reads in flight; GB/s."""
+    from sllmctl import native
+    from sllmctl.store.reader import aligned_empty
+
+    drop_caches()
+    window = 512 << 20
+    buf = aligned_empty(window)
+    total = 0
+    start = time.perf_counter()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        size = os.fstat(fd).st_size
+        for off in range(0, size, window):
+            total += native.pread_into(fd, buf.data_ptr(), min(window, size - off), off,
+                                       threads, 8 << 20)
+        os.close(fd)
+    return total / (time.perf_counter() - start) / GB
+
+
+# ---------------------------------------------------------------- loaders
+
+def load_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for p in paths:
+        out.update(load_file(p, device="cuda:0"))
+    return out
+
+
+def load_runai(paths: list[Path]) -> dict[str, torch.Tensor]:
+    from runai_model_streamer import SafetensorsStreamer
+
+    out = {}
+    with SafetensorsStreamer() as s:
+        s.stream_files([str(p) for p in paths])
+        for name, t in s.get_tensors():
+            out[name] = t.to("cuda:0", non_blocking=True)
+    return out
+
+
+def load_fastsafetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
+    from fastsafetensors import fastsafe_open
+
+    with fastsafe_open([str(p) for p in paths], device="cuda:0", nogds=True) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def load_instanttensor(paths: list[Path]) -> dict[str, torch.Tensor]:
+    from instanttensor import safe_open
+
+    with safe_open([str(p) for p in paths], framework="pt", device=0) as f:
+        return dict(f.tensors())
+
+
+PEERS: dict[str, Callable[[list[Path]], dict[str, torch.Tensor]]] = {
+    "safetensors": load_safetensors,
+    "runai-model-streamer": load_runai,
+    "fastsafetensors": load_fastsafetensors,
+    "instanttensor": load_instanttensor,
+}
+
+
+def version_of(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    dist = {"runai-model-streamer": "runai-model-streamer"}.get(module, module)
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=32, help="32 is the Llama-3.1-8B shape")
+    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
+    ap.add_argument("--peers", default="all", help="comma list, 'all' or 'none'")
+    ap.add_argument("--warm-repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+
+    os.environ["SLLMCTL_HOME"] = str((args.dir / "home").resolve())
+    from sllmctl import native
+    from sllmctl.store.gpu_loader import PinnedPool, load_pinned, load_to_gpu, pinned_to_gpu
+    from sllmctl.store.store import Store
+    from sllmctl.store.writer import convert
+
+    peers = list(PEERS) if args.peers == "all" else [
+        p for p in args.peers.split(",") if p and p != "none"]
+    t0 = time.perf_counter()
+    shards = generate(args.dir / "src", args.layers)
+    gen_s = time.perf_counter() - t0
+    name = f"llama-{args.layers}l"
+    store = Store()
+    t0 = time.perf_counter()
+    if not store.exists(name):
+        convert(args.dir / "src", name)
+    convert_s = time.perf_counter() - t0
+    model = store.get(name)
+    data_files = [model.path / f.path for f in model.manifest.files]
+    model_bytes = model.manifest.total_bytes
+    src_bytes = sum(p.stat().st_size for p in shards)
+    print(f"checkpoint: {args.layers} layers, {src_bytes / GB:.2f} GB in {len(shards)} "
+          f"safetensors shards (made in {gen_s:.0f} s); sllmctl: {model_bytes / GB:.2f} GB in "
+          f"{len(data_files)} data files (converted in {convert_s:.0f} s); native I/O: "
+          f"{native.NATIVE}", flush=True)
+
+    # grow the VM's memory once, so no loader pays the first touch of page cache memory
+    warm_files(shards + data_files)
+    pool = PinnedPool()
+    results: dict[str, Any] = {"limits": {}, "runs": []}
+    limit = pinned_copy_limit()
+    results["limits"]["pinned_h2d_GBps"] = limit
+    print(f"pinned host->GPU copy limit: {limit:.1f} GB/s", flush=True)
+    disk = disk_rate(data_files, direct=True, threads=32)
+    results["limits"]["disk_odirect_GBps"] = disk
+    print(f"disk O_DIRECT read rate:     {disk:.2f} GB/s", flush=True)
+    buffered = disk_rate(data_files, direct=False, threads=16)
+    results["limits"]["disk_buffered_cold_GBps"] = buffered
+    print(f"disk buffered read rate (page cache dropped, 16 readers): {buffered:.2f} GB/s",
+          flush=True)
+
+    def record(loader: str, mode: str, seconds: list[float], nbytes: int, **extra: Any) -> None:
+        run = {"loader": loader, "mode": mode, "seconds": seconds,
+               "median_s": statistics.median(seconds), "bytes": nbytes,
+               "GBps": nbytes / statistics.median(seconds) / GB, **extra}
+        results["runs"].append(run)
+        print(f"  {loader:22s} {mode:10s} {run['median_s']:7.3f} s  {run['GBps']:6.2f} GB/s"
+              f"  (runs: {', '.join(f'{s:.3f}' for s in seconds)})", flush=True)
+
+    def bench(loader: str, fn: Callable[[], dict[str, torch.Tensor]], files: list[Path]) -> None:
+        drop_caches()
+        s, n = timed(fn)
+        record(loader, "cold", [s], n)
+        warm_files(files)
+        runs = []
+        for _ in range(args.warm_repeats):
+            warm_files(files)
+            s, n = timed(fn)
+            runs.append(s)
+            if s > 5:  # a loader that ignores the page cache: one run says it all
+                break
+        record(loader, "warm", runs, n)
+
+    print("time to a usable state dict on cuda:0", flush=True)
+    bench("sllmctl", lambda: load_to_gpu(model, "cuda:0", pool=pool), data_files)
+    # the cold path's settings: O_DIRECT against buffered reads, and the read depth
+    for direct, readers, threads in ((True, 8, 8), (False, 6, 4), (False, 12, 4)):
+        drop_caches()
+        s, n = timed(lambda d=direct, r=readers, t=threads: load_to_gpu(
+            model, "cuda:0", pool=pool, direct=d, readers=r, read_threads=t))
+        kind = "O_DIRECT" if direct else "buffered"
+        record(f"sllmctl ({kind} {readers}x{threads})", "cold", [s], n)
+    for peer in peers:
+        ver = version_of(peer)
+        try:
+            __import__({"runai-model-streamer": "runai_model_streamer"}.get(peer, peer))
+        except ImportError as e:
+            results["runs"].append({"loader": peer, "error": f"not installed: {e}"})
+            print(f"  {peer:22s} not installed here ({e})", flush=True)
+            continue
+        try:
+            bench(f"{peer} {ver}", lambda peer=peer: PEERS[peer](shards), shards)
+        except Exception as e:  # a peer that fails is reported, not fatal
+            results["runs"].append({"loader": peer, "error": f"{type(e).__name__}: {e}"})
+            print(f"  {peer:22s} failed: {type(e).__name__}: {e}", flush=True)
+
+    print("in-memory mode (chunks already in pinned DRAM):", flush=True)
+    pinned = load_pinned(model)
+    for verify in (True, False):
+        runs = []
+        for _ in range(5):
+            s, n = timed(lambda v=verify: pinned_to_gpu(pinned, "cuda:0", verify=v))
+            runs.append(s)
+        record("sllmctl in-memory", "verified" if verify else "unverified", runs, n)
+    pinned.pieces.clear()  # unpin
+    gc.collect()
+
+    # ---- summary
+    def best(mode: str, loaders: str) -> dict[str, Any] | None:
+        rs = [r for r in results["runs"] if r.get("mode") == mode and "error" not in r
+              and r["loader"].startswith(loaders)]
+        return min(rs, key=lambda r: r["median_s"]) if rs else None
+
+    print("\nsummary", flush=True)
+    summary = {}
+    for mode in ("cold", "warm"):
+        ours = next(r for r in results["runs"] if r["loader"] == "sllmctl" and r["mode"] == mode)
+        peer_runs = [r for r in results["runs"] if r.get("mode") == mode and "error" not in r
+                     and not r["loader"].startswith("sllmctl")]
+        bp = min(peer_runs, key=lambda r: r["median_s"]) if peer_runs else None
+        line = f"  {mode}: sllmctl {ours['median_s']:.3f} s ({ours['GBps']:.2f} GB/s)"
+        if bp:
+            summary[f"{mode}_speedup_vs_best_peer"] = bp["median_s"] / ours["median_s"]
+            line += f", best peer {bp['loader']} {bp['median_s']:.3f} s " \
+                    f"(sllmctl {bp['median_s'] / ours['median_s']:.2f}x faster)"
+        if mode == "cold":
+            summary["cold_vs_disk"] = ours["GBps"] / max(disk, buffered)
+            line += (f"; {100 * ours['GBps'] / max(disk, buffered):.1f} % of the disk's read "
+                     "rate (the faster of O_DIRECT and buffered)")
+        print(line)
+    mem = best("verified", "sllmctl in-memory")
+    if mem:
+        summary["in_memory_vs_pinned_limit"] = mem["GBps"] / limit
+        print(f"  in-memory, checksums verified: {mem['median_s']:.3f} s, {mem['GBps']:.1f} GB/s "
+              f"= {100 * mem['GBps'] / limit:.1f} % of the pinned copy limit")
+    results["summary"] = summary
+    results["conditions"] = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "host": platform.node(), "cpus": os.cpu_count(),
+        "model": f"Llama-3.1-8B shape, {args.layers} layers, bf16, random weights",
+        "model_bytes": model_bytes, "source_bytes": src_bytes,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "native_io": native.NATIVE,
+        "peer_versions": {p: version_of(p) for p in PEERS},
+        "nvidia_smi": subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,"
+                                      "pcie.link.gen.current,pcie.link.width.current",
+                                      "--format=csv,noheader"], capture_output=True,
+                                     text=True).stdout.strip(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"load-{args.layers}l-{stamp}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], path.name).write_text(path.read_text())
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The GPU loader, on a CUDA machine: bit-exact with the CPU path, corruption caught."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sllmctl
+from sllmctl.errors import CorruptCheckpoint
+from sllmctl.store.format import CHUNK_SIZE
+from sllmctl.store.store import Store
+from sllmctl.store.writer import convert
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> str:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "big": torch.randn(3000, 4000, generator=g).to(torch.bfloat16),  # spans chunks
+        "f32": torch.randn(1000, 1001, generator=g),
+        "scalar": torch.tensor(3.5),
+        "ids": torch.arange(17, dtype=torch.int64),
+        "empty": torch.empty(0, 4),
+        "f8": torch.randn(64, 64, generator=g).to(torch.float8_e4m3fn),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    convert(tmp_path, "g", max_file_size=20 << 20)  # several data files
+    return "g"
+
+
+@pytest.mark.parametrize("direct", [None, True, False])
+def test_gpu_load_is_bit_exact_with_cpu(model: str, direct: bool | None) -> None:
+    from sllmctl.store.gpu_loader import load_to_gpu
+
+    cpu = sllmctl.load_state_dict(model)
+    gpu = load_to_gpu(Store().get(model), "cuda:0", direct=direct)
+    assert sorted(cpu) == sorted(gpu)
+    for k, v in cpu.items():
+        assert gpu[k].device.type == "cuda"
+        assert (gpu[k].dtype, gpu[k].shape) == (v.dtype, v.shape)
+        a = v.reshape(-1).view(torch.uint8)
+        b = gpu[k].cpu().reshape(-1).view(torch.uint8)
+        assert torch.equal(a, b), k
+
+
+def test_pinned_path_is_bit_exact(model: str) -> None:
+    from sllmctl.store.gpu_loader import load_pinned, pinned_to_gpu
+
+    pinned = load_pinned(Store().get(model), piece_size=CHUNK_SIZE)
+    gpu = pinned_to_gpu(pinned, "cuda:0", copy_size=CHUNK_SIZE // 2)  # rounds up to a chunk
+    cpu = sllmctl.load_state_dict(model)
+    for k, v in cpu.items():
+        assert torch.equal(v.reshape(-1).view(torch.uint8),
+                           gpu[k].cpu().reshape(-1).view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_flipped_byte_caught_on_gpu(model: str, direct: bool) -> None:
+    folder = Store().path(model)
+    data = folder / "data-00000.bin"
+    pos = CHUNK_SIZE + 12345
+    raw = bytearray(data.read_bytes())
+    raw[pos] ^= 0x01
+    data.write_bytes(bytes(raw))
+    from sllmctl.store.gpu_loader import load_to_gpu
+
+    with pytest.raises(CorruptCheckpoint, match=r"data-00000\.bin chunk 1 "):
+        load_to_gpu(Store().get(model), "cuda:0", direct=direct)
+    with pytest.raises(CorruptCheckpoint, match=r"data-00000\.bin chunk 1 "):
+        sllmctl.load_state_dict(model, device="cuda:0")
