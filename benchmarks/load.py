@@ -297,7 +297,7 @@ def main() -> int:
     print("time to a usable state dict on cuda:0", flush=True)
     bench("sllmctl", lambda: load_to_gpu(model, "cuda:0", pool=pool), data_files)
     # the cold path's settings: O_DIRECT against buffered reads, and the read depth
-    for direct, readers, threads in ((True, 8, 8), (False, 6, 4), (False, 12, 4)):
+    for direct, readers, threads in ((True, 12, 8), (True, 16, 4), (False, 12, 4)):
         drop_caches()
         s, n = timed(lambda d=direct, r=readers, t=threads: load_to_gpu(
             model, "cuda:0", pool=pool, direct=d, readers=r, read_threads=t))

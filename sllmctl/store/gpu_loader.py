@@ -40,9 +40,9 @@ if TYPE_CHECKING:
     import torch
 
 PIECE = 64 << 20  # bytes per read and per copy; a multiple of the checksum chunk
-POOL_BUFFERS = 12
-READERS = 6  # pieces read at once
-READ_THREADS = 4  # threads (outstanding preads) per piece
+POOL_BUFFERS = 16
+READERS = 8  # pieces read at once
+READ_THREADS = 8  # threads (outstanding preads) per piece
 READ_PIECE = 4 << 20  # bytes per pread
 
 
@@ -293,13 +293,22 @@ def _copy_pipeline(
     import torch
 
     device = torch.device(device)
+    files = model.manifest.files
     with torch.cuda.device(device):
-        gpu = [torch.empty(f.size, dtype=torch.uint8, device=device)
-               for f in model.manifest.files]
+        # one allocation per data file, made when its first piece arrives, so that it
+        # overlaps the copies of the files before it
+        gpu: list[torch.Tensor | None] = [None] * len(files)
+
+        def allocate(i: int) -> torch.Tensor:
+            t = gpu[i]
+            if t is None:
+                t = gpu[i] = torch.empty(files[i].size, dtype=torch.uint8, device=device)
+            return t
+
         copy_stream = torch.cuda.Stream(device)
         sum_stream = torch.cuda.Stream(device)
         checker = GpuChecker(model, device) if verify else None
-        expected = expected_sums(model, device) if verify else []
+        sum_stream.wait_stream(torch.cuda.current_stream(device))  # the checker's zeroed sums
         recycle: queue.Queue[Any] = queue.Queue()
 
         def recycler() -> None:
@@ -312,7 +321,7 @@ def _copy_pipeline(
         thread.start()
         try:
             for p, buf, release in source:
-                dst = gpu[p.file][p.offset:p.offset + p.length]
+                dst = allocate(p.file)[p.offset:p.offset + p.length]
                 with torch.cuda.stream(copy_stream):
                     dst.copy_(buf[: p.length], non_blocking=True)
                     copied = torch.cuda.Event()
@@ -325,13 +334,15 @@ def _copy_pipeline(
         finally:
             recycle.put(None)
             thread.join()
+        # views and expected sums are built while the last copies are still running
+        state = tensor_views(model, [allocate(i) for i in range(len(files))])
         torch.cuda.current_stream(device).wait_stream(copy_stream)
         torch.cuda.current_stream(device).wait_stream(sum_stream)
         if checker is not None:
-            checker.check(expected)  # one synchronisation, at the end
+            checker.check(expected_sums(model, device))  # one synchronisation, at the end
         else:
             torch.cuda.current_stream(device).synchronize()
-    return tensor_views(model, gpu)
+    return state
 
 
 def load_to_gpu(model: StoredModel, device: Any, *, verify: bool = True,
