@@ -114,16 +114,49 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
-def timed(fn: Callable[[], dict[str, torch.Tensor]]) -> tuple[float, int]:
-    free_gpu()
+def timed(fn: Callable[[], dict[str, torch.Tensor]], fresh: bool = True) -> tuple[float, int]:
+    """Seconds to a usable state dict. `fresh`: the GPU allocator starts empty, so the time
+    includes cudaMalloc; otherwise it reuses memory cached from the previous run."""
+    if fresh:
+        free_gpu()
     start = time.perf_counter()
     state = fn()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
     del state
-    free_gpu()
+    gc.collect()
+    if fresh:
+        free_gpu()
     return seconds, nbytes
+
+
+def chunked_copy_seconds(pinned: Any, repeats: int = 5) -> float:
+    """Median wall time of copying the pinned pieces to preallocated GPU memory, nothing else."""
+    files = pinned.model.manifest.files
+    dst = [torch.empty(f.size, dtype=torch.uint8, device="cuda") for f in files]
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for p, buf in pinned.pieces:
+            dst[p.file][p.offset:p.offset + p.length].copy_(buf, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del dst
+    free_gpu()
+    return statistics.median(times)
+
+
+def malloc_seconds(nbytes: int) -> float:
+    free_gpu()
+    start = time.perf_counter()
+    t = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del t
+    free_gpu()
+    return seconds
 
 
 # ---------------------------------------------------------------- limits
@@ -225,6 +258,9 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("bench-data"))
     ap.add_argument("--peers", default="all", help="comma list, 'all' or 'none'")
     ap.add_argument("--warm-repeats", type=int, default=3)
+    ap.add_argument("--cold-rounds", type=int, default=2)
+    ap.add_argument("--small-files", action="store_true",
+                    help="also time the in-memory mode on a copy converted into 1 GiB files")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -280,53 +316,90 @@ def main() -> int:
         print(f"  {loader:22s} {mode:10s} {run['median_s']:7.3f} s  {run['GBps']:6.2f} GB/s"
               f"  (runs: {', '.join(f'{s:.3f}' for s in seconds)})", flush=True)
 
-    def bench(loader: str, fn: Callable[[], dict[str, torch.Tensor]], files: list[Path]) -> None:
-        drop_caches()
-        s, n = timed(fn)
-        record(loader, "cold", [s], n)
-        warm_files(files)
-        runs = []
-        for _ in range(args.warm_repeats):
-            warm_files(files)
-            s, n = timed(fn)
-            runs.append(s)
-            if s > 5:  # a loader that ignores the page cache: one run says it all
-                break
-        record(loader, "warm", runs, n)
-
-    print("time to a usable state dict on cuda:0", flush=True)
-    bench("sllmctl", lambda: load_to_gpu(model, "cuda:0", pool=pool), data_files)
-    # the cold path's settings: O_DIRECT against buffered reads, and the read depth
-    for direct, readers, threads in ((True, 12, 8), (True, 16, 4), (False, 12, 4)):
-        drop_caches()
-        s, n = timed(lambda d=direct, r=readers, t=threads: load_to_gpu(
-            model, "cuda:0", pool=pool, direct=d, readers=r, read_threads=t))
+    loaders: list[tuple[str, Callable[[], dict[str, torch.Tensor]], list[Path]]] = [
+        ("sllmctl", lambda: load_to_gpu(model, "cuda:0", pool=pool), data_files)]
+    for direct, readers, threads in ((True, 16, 8), (False, 12, 4)):  # other read settings
         kind = "O_DIRECT" if direct else "buffered"
-        record(f"sllmctl ({kind} {readers}x{threads})", "cold", [s], n)
+        loaders.append((f"sllmctl ({kind} {readers}x{threads})", lambda d=direct, r=readers,
+                        t=threads: load_to_gpu(model, "cuda:0", pool=pool, direct=d, readers=r,
+                                               read_threads=t), data_files))
     for peer in peers:
-        ver = version_of(peer)
         try:
             __import__({"runai-model-streamer": "runai_model_streamer"}.get(peer, peer))
         except ImportError as e:
             results["runs"].append({"loader": peer, "error": f"not installed: {e}"})
             print(f"  {peer:22s} not installed here ({e})", flush=True)
             continue
+        loaders.append((f"{peer} {version_of(peer)}", lambda peer=peer: PEERS[peer](shards),
+                        shards))
+
+    def attempt(loader: str, fn: Callable[[], dict[str, torch.Tensor]]) -> tuple[float, int]:
         try:
-            bench(f"{peer} {ver}", lambda peer=peer: PEERS[peer](shards), shards)
+            return timed(fn)
         except Exception as e:  # a peer that fails is reported, not fatal
-            results["runs"].append({"loader": peer, "error": f"{type(e).__name__}: {e}"})
-            print(f"  {peer:22s} failed: {type(e).__name__}: {e}", flush=True)
+            print(f"  {loader:22s} failed: {type(e).__name__}: {e}", flush=True)
+            return float("nan"), 0
+
+    print("time to a usable state dict on cuda:0", flush=True)
+    # cold: page cache dropped before each run; rounds alternate the loaders, so that no
+    # loader always runs first (the virtual disk's speed drifts within a run)
+    cold: dict[str, list[float]] = {n: [] for n, _, _ in loaders}
+    sizes: dict[str, int] = {}
+    for _ in range(args.cold_rounds):
+        for loader, fn, _files in loaders:
+            drop_caches()
+            s, n = attempt(loader, fn)
+            cold[loader].append(s)
+            sizes[loader] = n or sizes.get(loader, 0)
+        loaders.reverse()
+    for loader, _, _ in loaders:
+        if sizes.get(loader):
+            record(loader, "cold", cold[loader], sizes[loader])
+        else:
+            results["runs"].append({"loader": loader, "mode": "cold", "error": "failed"})
+    for loader, fn, files in loaders:
+        if not loader.startswith("sllmctl (") and sizes.get(loader):
+            runs = []
+            for _ in range(args.warm_repeats):
+                warm_files(files)
+                s, n = attempt(loader, fn)
+                runs.append(s)
+                if s > 5:  # a loader that ignores the page cache: one run says it all
+                    break
+            record(loader, "warm", runs, n)
+
+    for size in (4 << 30, 1 << 30):
+        s = statistics.median(malloc_seconds(size) for _ in range(3))
+        results["limits"][f"cudaMalloc_{size >> 30}GiB_s"] = s
+        print(f"fresh cudaMalloc of {size >> 30} GiB: {1e3 * s:.1f} ms", flush=True)
 
     print("in-memory mode (chunks already in pinned DRAM):", flush=True)
-    pinned = load_pinned(model)
-    for verify in (True, False):
-        runs = []
-        for _ in range(5):
-            s, n = timed(lambda v=verify: pinned_to_gpu(pinned, "cuda:0", verify=v))
-            runs.append(s)
-        record("sllmctl in-memory", "verified" if verify else "unverified", runs, n)
-    pinned.pieces.clear()  # unpin
-    gc.collect()
+    variants = [(name, model)]  # (name, model)
+    if args.small_files:
+        small = f"{name}-1g"
+        if not store.exists(small):
+            convert(args.dir / "src", small, max_file_size=1 << 30)
+        variants.append((small, store.get(small)))
+    for _, m in variants:
+        pinned = load_pinned(m)
+        files = len(m.manifest.files)
+        if m is model:
+            plain = chunked_copy_seconds(pinned)
+            results["limits"]["chunked_pinned_copy_s"] = plain
+            print(f"  copies alone (same pinned pieces, preallocated GPU memory, no checksums, "
+                  f"no views): {plain:.3f} s, {model_bytes / plain / GB:.1f} GB/s", flush=True)
+        for verify, fresh in ((True, True), (False, True), (True, False)):
+            runs = []
+            for _ in range(5):
+                s, n = timed(lambda v=verify, p=pinned: pinned_to_gpu(p, "cuda:0", verify=v),
+                             fresh=fresh)
+                runs.append(s)
+            mode = ("verified" if verify else "unverified") + ("" if fresh else "+cached")
+            record(f"sllmctl in-memory {files}f", mode, runs, n)
+        free_gpu()
+        pinned.pieces.clear()  # unpin
+        del pinned
+        gc.collect()
 
     # ---- summary
     def best(mode: str, loaders: str) -> dict[str, Any] | None:
@@ -351,11 +424,13 @@ def main() -> int:
             line += (f"; {100 * ours['GBps'] / max(disk, buffered):.1f} % of the disk's read "
                      "rate (the faster of O_DIRECT and buffered)")
         print(line)
-    mem = best("verified", "sllmctl in-memory")
-    if mem:
-        summary["in_memory_vs_pinned_limit"] = mem["GBps"] / limit
-        print(f"  in-memory, checksums verified: {mem['median_s']:.3f} s, {mem['GBps']:.1f} GB/s "
-              f"= {100 * mem['GBps'] / limit:.1f} % of the pinned copy limit")
+    for mode in ("verified", "verified+cached"):
+        mem = best(mode, "sllmctl in-memory")
+        if mem:
+            summary[f"in_memory_{mode}_vs_pinned_limit"] = mem["GBps"] / limit
+            print(f"  {mem['loader']}, checksums {mode}: {mem['median_s']:.3f} s, "
+                  f"{mem['GBps']:.1f} GB/s = {100 * mem['GBps'] / limit:.1f} % of the pinned "
+                  "copy limit")
     results["summary"] = summary
     results["conditions"] = {
         "gpu": torch.cuda.get_device_name(0),

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 PIECE = 64 << 20  # bytes per read and per copy; a multiple of the checksum chunk
 POOL_BUFFERS = 16
 READERS = 8  # pieces read at once
-READ_THREADS = 8  # threads (outstanding preads) per piece
+READ_THREADS = 8  # threads (outstanding preads) per piece read from disk
+CACHED_READ_THREADS = 2  # per piece read from the page cache (a memory copy; more contend)
 READ_PIECE = 4 << 20  # bytes per pread
 
 
@@ -250,8 +251,9 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
                     buf = pool.free.get(timeout=0.1)
                 except queue.Empty:
                     continue
-            n = native.pread_into(files.fd_for(p), buf.data_ptr(), p.length, p.offset,
-                                  read_threads, READ_PIECE)
+            fd = files.fd_for(p)
+            threads = read_threads if fd in files.direct else CACHED_READ_THREADS
+            n = native.pread_into(fd, buf.data_ptr(), p.length, p.offset, threads, READ_PIECE)
             if n != p.length:
                 raise CorruptCheckpoint(
                     f"model {model.name}: data file {model.manifest.files[p.file].path} "
