@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from sllmctl import __version__, paths
-from sllmctl.commands import convert, demo, ls, rm, show, verify
+from sllmctl.commands import convert, daemon, demo, ls, rm, show, status, unload, verify, warm
 from sllmctl.output import fail
 
 app = typer.Typer(
@@ -26,8 +26,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (convert, ls, show, rm, verify, demo):
+for module in (convert, ls, show, rm, verify, warm, unload, status, demo):
     app.command(name=module.NAME)(module.command)
+app.command(name="ps")(status.ps)
+app.add_typer(daemon.app, name=daemon.NAME)
 
 
 def _version(value: bool) -> None:

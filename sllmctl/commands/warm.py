@@ -1,0 +1,54 @@
+"""sllmctl warm NAME: make a model resident in the DRAM or GPU tier."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.output import Out, human_size
+
+NAME = "warm"
+
+
+def command(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    tier: Annotated[str, typer.Option("--tier", help="dram or gpu.")] = "dram",
+    gpu: Annotated[Optional[int], typer.Option("--gpu", help="GPU index (default: the one "  # noqa: UP045
+                                                "with the most free memory).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Return once resident, or as "
+                                       "soon as the daemon accepts the job.")] = True,
+    autostart: AutostartOpt = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Load a model into a faster tier; exit 0 once it is resident there."""
+    from sllmctl.daemon.client import connect
+    from sllmctl.errors import UsageError
+
+    if tier not in ("dram", "gpu"):
+        raise UsageError(f"unknown tier {tier!r}", hint="use --tier dram or --tier gpu")
+    out = Out(json, quiet)
+    args: dict[str, Any] = {"name": name, "tier": tier, "gpu": gpu}
+    client = connect(autostart)
+    if not wait:
+        client.call("warm", args, wait=False)
+        out.result({"name": name, "tier": tier, "accepted": True},
+                   lambda: print(f"warming {name} into {tier} (not waiting)"))
+        return
+    with out.progress(f"warming {name} ({tier})") as bar:
+        shown = [0]
+
+        def on_event(ev: dict[str, Any]) -> None:
+            if ev.get("total"):
+                bar.set_total(ev["total"])
+                bar.advance(ev["done"] - shown[0])
+                shown[0] = ev["done"]
+
+        result = client.call("warm", args, on_event=on_event)
+    out.result(result, lambda: print(
+        f"{name}: resident in {tier}"
+        + (f" (GPU {result['gpu']}, from {result['loaded_from']})" if tier == "gpu" else "")
+        + f", {human_size(result['bytes'])} in {result['seconds']:.2f} s"))

@@ -1,0 +1,1 @@
+"""The per-host daemon: owns the memory tiers and answers every command over ZeroMQ."""
