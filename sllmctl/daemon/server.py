@@ -83,7 +83,8 @@ class Daemon:
             self.ctx.destroy(linger=0)
             hint = ("another program uses that address; pick another --listen port"
                     if e.errno == zmq.EADDRINUSE else "check --listen")
-            raise SllmError(f"cannot listen on {endpoint}: {e.strerror}", hint=hint) from None
+            raise SllmError(f"cannot listen on {endpoint}: {zmq.strerror(e.errno)}",
+                            hint=hint) from None
         self.replies = self.ctx.socket(zmq.PULL)
         self.replies.bind(REPLIES)
         self.local = threading.local()
