@@ -198,6 +198,61 @@ def disk_rate(files: list[Path], direct: bool, threads: int) -> float:
     return total / (time.perf_counter() - start) / GB
 
 
+def bench_daemon(name: str, model_bytes: int, limit: float, results: dict[str, Any],
+                 record: Callable[..., None]) -> None:
+    """`warm --tier gpu` through a real daemon: cold from disk, and from its DRAM tier."""
+    from sllmctl.daemon import client as dc
+
+    pool = f"{(model_bytes >> 30) + 2}GiB"
+    c = dc.start_detached(dram_pool=pool, measure_bytes=256 << 20)
+    try:
+        t0 = time.perf_counter()
+        while True:  # the pool is pinned in the background from the daemon's start
+            dram = c.call("status")["dram"]
+            if dram and dram["allocated"] >= dram["capacity"]:
+                break
+            time.sleep(0.2)
+        print(f"daemon: DRAM pool of {dram['capacity'] / GB:.1f} GB pinned "
+              f"{time.perf_counter() - t0:.1f} s after start", flush=True)
+
+        def warm_gpu() -> tuple[float, dict[str, Any]]:
+            start = time.perf_counter()
+            r = c.call("warm", {"name": name, "tier": "gpu"})
+            return time.perf_counter() - start, r
+
+        drop_caches()
+        wall, r = warm_gpu()
+        record("daemon warm gpu", f"from {r['loaded_from']}", [wall], model_bytes,
+               in_daemon_s=r["load_seconds"])
+        c.call("unload", {"name": name, "tier": "gpu"})
+        start = time.perf_counter()
+        c.call("warm", {"name": name, "tier": "dram"})
+        print("  warm --tier dram (from disk, read through the page cache): "
+              f"{time.perf_counter() - start:.2f} s", flush=True)
+        walls, inside = [], []
+        for _ in range(5):
+            wall, r = warm_gpu()
+            c.call("unload", {"name": name, "tier": "gpu"})
+            assert r["loaded_from"] == "dram", r
+            walls.append(wall)
+            inside.append(r["load_seconds"])
+        record("daemon warm gpu", "from dram", walls, model_bytes,
+               in_daemon_s=inside, in_daemon_vs_limit=model_bytes / statistics.median(inside)
+               / GB / limit)
+        print(f"    in the daemon: {statistics.median(inside):.3f} s = "
+              f"{100 * model_bytes / statistics.median(inside) / GB / limit:.1f} % of the "
+              "pinned copy limit", flush=True)
+        start = time.perf_counter()  # the command a CI job runs, Python start-up included
+        subprocess.run([sys.executable, "-m", "sllmctl", "warm", name, "--tier", "gpu", "-q"],
+                       check=True)
+        cli = time.perf_counter() - start
+        results["daemon_cli_warm_gpu_from_dram_s"] = cli
+        print(f"  `sllmctl warm {name} --tier gpu` (DRAM tier, process start included): "
+              f"{cli:.3f} s", flush=True)
+    finally:
+        dc.stop()
+
+
 # ---------------------------------------------------------------- loaders
 
 def load_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
@@ -259,6 +314,9 @@ def main() -> int:
     ap.add_argument("--peers", default="all", help="comma list, 'all' or 'none'")
     ap.add_argument("--warm-repeats", type=int, default=3)
     ap.add_argument("--cold-rounds", type=int, default=2)
+    ap.add_argument("--sections", default="direct,memory,daemon",
+                    help="which parts to run: direct (loaders from disk), memory (in-memory "
+                    "mode), daemon (warm --tier gpu through the daemon)")
     ap.add_argument("--small-files", action="store_true",
                     help="also time the in-memory mode on a copy converted into 1 GiB files")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -273,6 +331,7 @@ def main() -> int:
     from sllmctl.store.store import Store
     from sllmctl.store.writer import convert
 
+    sections = set(args.sections.split(","))
     peers = list(PEERS) if args.peers == "all" else [
         p for p in args.peers.split(",") if p and p != "none"]
     t0 = time.perf_counter()
@@ -316,90 +375,95 @@ def main() -> int:
         print(f"  {loader:22s} {mode:10s} {run['median_s']:7.3f} s  {run['GBps']:6.2f} GB/s"
               f"  (runs: {', '.join(f'{s:.3f}' for s in seconds)})", flush=True)
 
-    loaders: list[tuple[str, Callable[[], dict[str, torch.Tensor]], list[Path]]] = [
-        ("sllmctl", lambda: load_to_gpu(model, "cuda:0", pool=pool), data_files)]
-    for direct, readers, threads in ((True, 16, 8), (False, 12, 4)):  # other read settings
-        kind = "O_DIRECT" if direct else "buffered"
-        loaders.append((f"sllmctl ({kind} {readers}x{threads})", lambda d=direct, r=readers,
-                        t=threads: load_to_gpu(model, "cuda:0", pool=pool, direct=d, readers=r,
-                                               read_threads=t), data_files))
-    for peer in peers:
-        try:
-            __import__({"runai-model-streamer": "runai_model_streamer"}.get(peer, peer))
-        except ImportError as e:
-            results["runs"].append({"loader": peer, "error": f"not installed: {e}"})
-            print(f"  {peer:22s} not installed here ({e})", flush=True)
-            continue
-        loaders.append((f"{peer} {version_of(peer)}", lambda peer=peer: PEERS[peer](shards),
-                        shards))
+    if "direct" in sections:
+        loaders: list[tuple[str, Callable[[], dict[str, torch.Tensor]], list[Path]]] = [
+            ("sllmctl", lambda: load_to_gpu(model, "cuda:0", pool=pool), data_files)]
+        for direct, readers, threads in ((True, 16, 8), (False, 12, 4)):  # other read settings
+            kind = "O_DIRECT" if direct else "buffered"
+            loaders.append((f"sllmctl ({kind} {readers}x{threads})", lambda d=direct, r=readers,
+                            t=threads: load_to_gpu(model, "cuda:0", pool=pool, direct=d, readers=r,
+                                                   read_threads=t), data_files))
+        for peer in peers:
+            try:
+                __import__({"runai-model-streamer": "runai_model_streamer"}.get(peer, peer))
+            except ImportError as e:
+                results["runs"].append({"loader": peer, "error": f"not installed: {e}"})
+                print(f"  {peer:22s} not installed here ({e})", flush=True)
+                continue
+            loaders.append((f"{peer} {version_of(peer)}", lambda peer=peer: PEERS[peer](shards),
+                            shards))
 
-    def attempt(loader: str, fn: Callable[[], dict[str, torch.Tensor]]) -> tuple[float, int]:
-        try:
-            return timed(fn)
-        except Exception as e:  # a peer that fails is reported, not fatal
-            print(f"  {loader:22s} failed: {type(e).__name__}: {e}", flush=True)
-            return float("nan"), 0
+        def attempt(loader: str, fn: Callable[[], dict[str, torch.Tensor]]) -> tuple[float, int]:
+            try:
+                return timed(fn)
+            except Exception as e:  # a peer that fails is reported, not fatal
+                print(f"  {loader:22s} failed: {type(e).__name__}: {e}", flush=True)
+                return float("nan"), 0
 
-    print("time to a usable state dict on cuda:0", flush=True)
-    # cold: page cache dropped before each run; rounds alternate the loaders, so that no
-    # loader always runs first (the virtual disk's speed drifts within a run)
-    cold: dict[str, list[float]] = {n: [] for n, _, _ in loaders}
-    sizes: dict[str, int] = {}
-    for _ in range(args.cold_rounds):
-        for loader, fn, _files in loaders:
-            drop_caches()
-            s, n = attempt(loader, fn)
-            cold[loader].append(s)
-            sizes[loader] = n or sizes.get(loader, 0)
-        loaders.reverse()
-    for loader, _, _ in loaders:
-        if sizes.get(loader):
-            record(loader, "cold", cold[loader], sizes[loader])
-        else:
-            results["runs"].append({"loader": loader, "mode": "cold", "error": "failed"})
-    for loader, fn, files in loaders:
-        if not loader.startswith("sllmctl (") and sizes.get(loader):
-            runs = []
-            for _ in range(args.warm_repeats):
-                warm_files(files)
+        print("time to a usable state dict on cuda:0", flush=True)
+        # cold: page cache dropped before each run; rounds alternate the loaders, so that no
+        # loader always runs first (the virtual disk's speed drifts within a run)
+        cold: dict[str, list[float]] = {n: [] for n, _, _ in loaders}
+        sizes: dict[str, int] = {}
+        for _ in range(args.cold_rounds):
+            for loader, fn, _files in loaders:
+                drop_caches()
                 s, n = attempt(loader, fn)
-                runs.append(s)
-                if s > 5:  # a loader that ignores the page cache: one run says it all
-                    break
-            record(loader, "warm", runs, n)
+                cold[loader].append(s)
+                sizes[loader] = n or sizes.get(loader, 0)
+            loaders.reverse()
+        for loader, _, _ in loaders:
+            if sizes.get(loader):
+                record(loader, "cold", cold[loader], sizes[loader])
+            else:
+                results["runs"].append({"loader": loader, "mode": "cold", "error": "failed"})
+        for loader, fn, files in loaders:
+            if not loader.startswith("sllmctl (") and sizes.get(loader):
+                runs = []
+                for _ in range(args.warm_repeats):
+                    warm_files(files)
+                    s, n = attempt(loader, fn)
+                    runs.append(s)
+                    if s > 5:  # a loader that ignores the page cache: one run says it all
+                        break
+                record(loader, "warm", runs, n)
 
-    for size in (4 << 30, 1 << 30):
-        s = statistics.median(malloc_seconds(size) for _ in range(3))
-        results["limits"][f"cudaMalloc_{size >> 30}GiB_s"] = s
-        print(f"fresh cudaMalloc of {size >> 30} GiB: {1e3 * s:.1f} ms", flush=True)
+    if "memory" in sections:
+        for size in (4 << 30, 1 << 30):
+            s = statistics.median(malloc_seconds(size) for _ in range(3))
+            results["limits"][f"cudaMalloc_{size >> 30}GiB_s"] = s
+            print(f"fresh cudaMalloc of {size >> 30} GiB: {1e3 * s:.1f} ms", flush=True)
 
-    print("in-memory mode (chunks already in pinned DRAM):", flush=True)
-    variants = [(name, model)]  # (name, model)
-    if args.small_files:
-        small = f"{name}-1g"
-        if not store.exists(small):
-            convert(args.dir / "src", small, max_file_size=1 << 30)
-        variants.append((small, store.get(small)))
-    for _, m in variants:
-        pinned = load_pinned(m)
-        files = len(m.manifest.files)
-        if m is model:
-            plain = chunked_copy_seconds(pinned)
-            results["limits"]["chunked_pinned_copy_s"] = plain
-            print(f"  copies alone (same pinned pieces, preallocated GPU memory, no checksums, "
-                  f"no views): {plain:.3f} s, {model_bytes / plain / GB:.1f} GB/s", flush=True)
-        for verify, fresh in ((True, True), (False, True), (True, False)):
-            runs = []
-            for _ in range(5):
-                s, n = timed(lambda v=verify, p=pinned: pinned_to_gpu(p, "cuda:0", verify=v),
-                             fresh=fresh)
-                runs.append(s)
-            mode = ("verified" if verify else "unverified") + ("" if fresh else "+cached")
-            record(f"sllmctl in-memory {files}f", mode, runs, n)
-        free_gpu()
-        pinned.pieces.clear()  # unpin
-        del pinned
-        gc.collect()
+        print("in-memory mode (chunks already in pinned DRAM):", flush=True)
+        variants = [(name, model)]  # (name, model)
+        if args.small_files:
+            small = f"{name}-1g"
+            if not store.exists(small):
+                convert(args.dir / "src", small, max_file_size=1 << 30)
+            variants.append((small, store.get(small)))
+        for _, m in variants:
+            pinned = load_pinned(m)
+            files = len(m.manifest.files)
+            if m is model:
+                plain = chunked_copy_seconds(pinned)
+                results["limits"]["chunked_pinned_copy_s"] = plain
+                print(f"  copies alone (same pinned pieces, preallocated GPU memory, no checksums, "
+                      f"no views): {plain:.3f} s, {model_bytes / plain / GB:.1f} GB/s", flush=True)
+            for verify, fresh in ((True, True), (False, True), (True, False)):
+                runs = []
+                for _ in range(5):
+                    s, n = timed(lambda v=verify, p=pinned: pinned_to_gpu(p, "cuda:0", verify=v),
+                                 fresh=fresh)
+                    runs.append(s)
+                mode = ("verified" if verify else "unverified") + ("" if fresh else "+cached")
+                record(f"sllmctl in-memory {files}f", mode, runs, n)
+            free_gpu()
+            pinned.pieces.clear()  # unpin
+            del pinned
+            gc.collect()
+
+    if "daemon" in sections:
+        bench_daemon(name, model_bytes, limit, results, record)
 
     # ---- summary
     def best(mode: str, loaders: str) -> dict[str, Any] | None:
@@ -410,7 +474,10 @@ def main() -> int:
     print("\nsummary", flush=True)
     summary = {}
     for mode in ("cold", "warm"):
-        ours = next(r for r in results["runs"] if r["loader"] == "sllmctl" and r["mode"] == mode)
+        ours = next((r for r in results["runs"] if r["loader"] == "sllmctl"
+                     and r["mode"] == mode), None)
+        if ours is None:
+            continue
         peer_runs = [r for r in results["runs"] if r.get("mode") == mode and "error" not in r
                      and not r["loader"].startswith("sllmctl")]
         bp = min(peer_runs, key=lambda r: r["median_s"]) if peer_runs else None
