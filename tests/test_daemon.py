@@ -127,6 +127,8 @@ def test_warm_streams_progress_and_shows_in_status(daemon: int, tmp_path: Path) 
     dram = json.loads(r.stdout)["dram"]
     assert [(m["name"], m["ready"]) for m in dram["models"]] == [("m", True)]
     assert dram["used"] == 2 * 64 * MiB
+    again = dc.connect(autostart=False).call("warm", {"name": "m"})
+    assert again["loaded_from"] == "resident"
     ps = json.loads(sllmctl("ps", "--json").stdout)
     assert [(m["name"], m["tier"]) for m in ps["models"]] == [("m", "dram")]
 
@@ -163,6 +165,10 @@ def test_bad_requests_are_refused_cleanly(daemon: int, tmp_path: Path) -> None:
         c.call("warm", {"name": "nope"})
     with pytest.raises(SllmError, match="unknown operation"):
         c.call("reboot")
+    with pytest.raises(SllmError, match="unknown tier 'ssd'"):
+        c.call("warm", {"name": "x", "tier": "ssd"})
+    with pytest.raises(SllmError, match="the request names no model"):
+        c.call("unload", {})
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(c.endpoint)

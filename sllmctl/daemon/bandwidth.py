@@ -19,7 +19,7 @@ def measure_disk(folder: Path, nbytes: int = MEASURE_BYTES) -> dict[str, Any]:
     from sllmctl.store.reader import aligned_empty
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f".bandwidth-{os.getpid()}"
+    path = folder / f".bandwidth-{os.getpid()}-{os.urandom(4).hex()}"
     nbytes = max(4096, nbytes // 4096 * 4096)
     block = os.urandom(1 << 20)
     try:

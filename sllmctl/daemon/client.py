@@ -97,7 +97,9 @@ class Client:
                         hint="sllmctl daemon status; restart it: sllmctl daemon stop; "
                         "sllmctl daemon start")
                 msg = proto.decode_reply(sock.recv_multipart())
-                if msg.get("id") not in (req.id, None):
+                # a reply without an id answers a request the daemon could not parse
+                if msg.get("id") != req.id and not (msg.get("id") is None
+                                                    and msg.get("status") == "error"):
                     continue
                 if msg["type"] == "progress":
                     if not wait:
@@ -191,7 +193,7 @@ def stop(timeout: float = 10.0) -> int | None:
         return None
     try:
         Client(conn.endpoint).call("shutdown", first_answer=2.0)
-    except DaemonUnreachable:
+    except SllmError:  # hung, or another protocol version: the signal works for all
         os.kill(conn.pid or 0, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while alive(conn.pid) and time.monotonic() < deadline:

@@ -9,9 +9,10 @@ by zero or more binary frames for tensors and blobs that the JSON names. Never p
              {"v": 1, "id": ..., "type": "reply", "status": "error",
               "error": {"code": c, "message": m, "hint": h}}
 
-A long job sends progress events (at least one a second, `heartbeat` if nothing moved),
-then exactly one reply. The daemon refuses a request whose "v" differs from its own with
-the error code `version_mismatch`, naming both versions.
+A long job sends progress events (at least one a second while it runs), then exactly one
+reply; a heartbeat may still arrive after the reply, and clients ignore messages for a
+request they are no longer waiting on. The daemon refuses a request whose "v" differs from
+its own with the error code `version_mismatch`, naming both versions.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def progress(rid: str, stage: str, done: int, total: int) -> list[bytes]:
 
 
 def decode_reply(frames: list[bytes]) -> dict[str, Any]:
+    if not frames:
+        raise ProtocolError(BAD_REQUEST, "empty message")
     head = _load(frames[0])
     if head.get("type") not in ("reply", "progress"):
         raise ProtocolError(BAD_REQUEST, f"unexpected message type {head.get('type')!r}")

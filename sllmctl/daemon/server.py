@@ -22,6 +22,7 @@ import zmq
 from sllmctl import __version__, paths
 from sllmctl.daemon import protocol as proto
 from sllmctl.daemon.bandwidth import load_cached, measure, save
+from sllmctl.daemon.tiers import BadArguments
 from sllmctl.errors import CorruptCheckpoint, NotFound, SllmError
 
 log = logging.getLogger("sllmctl.daemon")
@@ -51,22 +52,25 @@ def ensure_runtime_dir() -> Path:
 
 def write_connection_file(endpoint: str) -> Path:
     path = connection_file()
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".daemon.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"endpoint": endpoint, "pid": os.getpid(),
                    "protocol_version": proto.PROTOCOL_VERSION, "version": __version__,
                    "started_at": time.time()}, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 
 
 def _code(e: SllmError) -> str:
-    from sllmctl.daemon.tiers import DoesNotFit, NoGpu
+    from sllmctl.daemon.tiers import BadArguments, DoesNotFit, NoGpu
 
     table: list[tuple[type[SllmError], str]] = [
         (NotFound, proto.NOT_FOUND), (CorruptCheckpoint, proto.CORRUPT),
-        (DoesNotFit, proto.DOES_NOT_FIT), (NoGpu, proto.NO_GPU)]
+        (DoesNotFit, proto.DOES_NOT_FIT), (NoGpu, proto.NO_GPU),
+        (BadArguments, proto.BAD_REQUEST)]
     return next((code for cls, code in table if isinstance(e, cls)), proto.FAILED)
 
 
@@ -80,10 +84,10 @@ class Daemon:
         try:
             self.router.bind(endpoint)
         except zmq.ZMQError as e:
-            self.ctx.destroy(linger=0)
+            self.ctx.destroy(linger=500)  # let the reply to `shutdown` go out
             hint = ("another program uses that address; pick another --listen port"
                     if e.errno == zmq.EADDRINUSE else "check --listen")
-            raise SllmError(f"cannot listen on {endpoint}: {zmq.strerror(e.errno)}",
+            raise SllmError(f"cannot listen on {endpoint}: {zmq.strerror(e.errno or 0)}",
                             hint=hint) from None
         self.replies = self.ctx.socket(zmq.PULL)
         self.replies.bind(REPLIES)
@@ -113,6 +117,8 @@ class Daemon:
             from sllmctl.daemon.tiers import DramTier, GpuTier, parse_size, total_ram
 
             self.gpu = GpuTier()
+            for d in range(self.gpu.count):  # create each CUDA context now, not in `status`
+                torch.cuda.mem_get_info(d)
             pinned = torch.cuda.is_available()
             self.dram = DramTier(parse_size(self.dram_pool, total_ram()), pinned)
             log.info("tiers ready: DRAM pool %.2f GB (pinned: %s), %d GPU(s)",
@@ -196,7 +202,7 @@ class Daemon:
             with self.jobs_lock:
                 self.jobs[req.id].update(stage=stage, done=done, total=total)
             now = time.monotonic()
-            if now - last[0] >= 0.1 or done == total:
+            if now - last[0] >= 0.1 or (total and done == total):
                 last[0] = now
                 self._send(identity, proto.progress(req.id, stage, done, total))
 
@@ -221,8 +227,6 @@ class Daemon:
             return proto.reply_ok(req.id, result)
         except SllmError as e:
             return proto.reply_error(req.id, _code(e), e.message, e.hint)
-        except (KeyError, TypeError, ValueError) as e:
-            return proto.reply_error(req.id, proto.BAD_REQUEST, f"bad arguments for {req.op}: {e}")
         except Exception as e:
             log.exception("request %s failed", req.op)
             return proto.reply_error(req.id, proto.INTERNAL, f"{type(e).__name__}: {e}",
@@ -278,26 +282,26 @@ class Daemon:
     def op_warm(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
         from sllmctl.store.store import Store
 
+        name, tier, gpu = _name(args), _tier(args, "dram"), args.get("gpu")
+        if gpu is not None and (isinstance(gpu, bool) or not isinstance(gpu, int)):
+            raise BadArguments(f"gpu must be an integer, not {gpu!r}")
         self._tiers()
-        tier = args.get("tier", "dram")
-        if tier not in ("dram", "gpu"):
-            raise SllmError(f"unknown tier {tier!r}", hint="use dram or gpu")
-        model = Store().get(str(args["name"]))
+        model = Store().get(name)
         start = time.perf_counter()
         if tier == "dram":
-            self.dram.warm(model, progress)
+            _, fresh = self.dram.warm(model, progress)
             return {"name": model.name, "tier": "dram", "seconds": time.perf_counter() - start,
-                    "bytes": model.manifest.total_bytes, "loaded_from": "disk"}
-        gpu = args.get("gpu")
+                    "bytes": model.manifest.total_bytes,
+                    "loaded_from": "disk" if fresh else "resident"}
         progress("loading", 0, model.manifest.total_bytes)
-        e = self.gpu.warm(model, None if gpu is None else int(gpu), self.dram)
+        e = self.gpu.warm(model, gpu, self.dram)
         return {"name": model.name, "tier": "gpu", "gpu": e.device,
                 "seconds": time.perf_counter() - start, "load_seconds": e.load_seconds,
                 "loaded_from": e.loaded_from, "bytes": e.nbytes}
 
     def op_unload(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
+        name, tier = _name(args), _tier(args, None)
         self._tiers()
-        name, tier = str(args["name"]), args.get("tier")
         removed = []
         if tier in (None, "gpu") and self.gpu.unload(name):
             removed.append("gpu")
@@ -310,12 +314,42 @@ class Daemon:
         return {"name": name, "unloaded": removed}
 
 
+def _name(args: dict[str, Any]) -> str:
+    name = args.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadArguments("the request names no model")
+    return name
+
+
+def _tier(args: dict[str, Any], default: str | None) -> str | None:
+    tier = args.get("tier", default)
+    if tier is None and default is None:
+        return None
+    if tier not in ("dram", "gpu"):
+        raise BadArguments(f"unknown tier {tier!r}", hint="use dram or gpu")
+    return str(tier)
+
+
+def _answers(endpoint: str) -> bool:
+    """Whether a daemon already answers at `endpoint` (so its socket must not be taken)."""
+    from sllmctl.daemon.client import Client
+
+    try:
+        Client(endpoint).call("status", first_answer=0.5)
+    except SllmError:
+        return False
+    return True
+
+
 def run(endpoint: str | None, dram_pool: str, measure_bytes: int) -> None:
     """Run the daemon in this process until SIGTERM, SIGINT or a shutdown request."""
     ensure_runtime_dir()
     endpoint = endpoint or default_endpoint()
-    if endpoint.startswith("ipc://"):  # a socket left by a crashed daemon
-        Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
+    if endpoint.startswith("ipc://") and Path(endpoint[len("ipc://"):]).exists():
+        if _answers(endpoint):
+            raise SllmError(f"a daemon already answers on {endpoint}",
+                            hint="sllmctl daemon stop")
+        Path(endpoint[len("ipc://"):]).unlink()  # left by a crashed daemon
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     daemon = Daemon(endpoint, dram_pool, measure_bytes)
@@ -323,3 +357,5 @@ def run(endpoint: str | None, dram_pool: str, measure_bytes: int) -> None:
         signal.signal(sig, lambda *_: daemon.stop.set())
     write_connection_file(endpoint)
     daemon.serve()
+    logging.shutdown()
+    os._exit(0)  # jobs still running on worker threads end with the process

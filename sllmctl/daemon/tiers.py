@@ -43,6 +43,10 @@ class NoGpu(SllmError):
     """A GPU was asked for on a host without one."""
 
 
+class BadArguments(SllmError):
+    """A request whose arguments make no sense (an unknown tier, a GPU that is not there)."""
+
+
 def parse_size(text: str, total: int) -> int:
     """'8GiB', '512MB', '25%' (of `total`), or plain bytes."""
     t = text.strip().lower().replace(" ", "")
@@ -111,7 +115,9 @@ class DramTier:
             e = self.models.get(model.name)
             return bool(e and e.ready and e.path == str(model.path))
 
-    def warm(self, model: StoredModel, progress: Progress) -> DramEntry:
+    def warm(self, model: StoredModel, progress: Progress) -> tuple[DramEntry, bool]:
+        """Make `model` resident; returns its entry and whether it was read now (False:
+        it was resident already)."""
         files = model.manifest.files
         layout = [Piece(i, off, min(SLAB, f.size - off))
                   for i, f in enumerate(files) for off in range(0, f.size, SLAB)]
@@ -123,14 +129,18 @@ class DramTier:
                 hint="start the daemon with a larger --dram-pool, or warm it to a GPU "
                 "(--tier gpu streams through the pool)")
         with self.lock:
-            old = self.models.get(model.name)
-            if old and old.path == str(model.path):
-                while not old.ready and old.name in self.models:  # another job is reading it
-                    self.lock.wait(0.5)
+            while True:
+                old = self.models.get(model.name)
+                if old is None or old.path != str(model.path):
+                    break
                 if old.ready:
                     self._touch(old)
-                    return old
-            if old:
+                    return old, False
+                self.lock.wait(0.5)  # another job is reading it: wait for it to end, then look
+            if old is not None:
+                if old.users:
+                    raise SllmError(f"an older copy of {model.name} is in use in the DRAM "
+                                    "tier", hint="wait for the loads in flight, then warm again")
                 self._drop(old)
             entry = DramEntry(model.name, str(model.path), model.manifest.total_bytes, users=1)
             self.models[model.name] = entry
@@ -154,7 +164,8 @@ class DramTier:
         with self.lock:
             entry.ready, entry.users = True, 0
             self._touch(entry)
-        return entry
+            self.lock.notify_all()
+        return entry, True
 
     def _read(self, model: StoredModel, entry: DramEntry, progress: Progress) -> None:
         from sllmctl import native
@@ -224,7 +235,8 @@ class DramTier:
     def _drop(self, e: DramEntry) -> None:
         self.free.extend(e.slabs)
         e.slabs = []
-        self.models.pop(e.name, None)
+        if self.models.get(e.name) is e:
+            del self.models[e.name]
         self.lock.notify_all()
 
     def status(self) -> dict[str, Any]:
@@ -274,22 +286,25 @@ class GpuTier:
     def _pick(self, nbytes: int, gpu: int | None) -> int:
         if self.count == 0:
             raise NoGpu("this host has no GPU", hint="warm it to DRAM instead: --tier dram")
-        candidates = [gpu] if gpu is not None else list(range(self.count))
         if gpu is not None and not 0 <= gpu < self.count:
-            raise SllmError(f"no GPU {gpu}: this host has {self.count}",
-                            hint=f"pick one of 0-{self.count - 1}")
+            raise BadArguments(f"no GPU {gpu}: this host has {self.count}",
+                               hint=f"pick one of 0-{self.count - 1}")
+        candidates = [gpu] if gpu is not None else list(range(self.count))
+        import torch
+
+        largest = max(torch.cuda.mem_get_info(d)[1] for d in candidates)
+        if nbytes + self.MARGIN > largest:  # would never fit: evict nothing
+            raise DoesNotFit(f"{nbytes / 1e9:.2f} GB does not fit on "
+                             f"{'GPU ' + str(gpu) if gpu is not None else 'any GPU'} "
+                             f"({largest / 1e9:.1f} GB)")
         while True:
             fits = [d for d in candidates if self._free(d) >= nbytes + self.MARGIN]
             if fits:
                 return max(fits, key=self._free)
             victims = [e for e in self.models.values() if e.device in candidates]
-            if not victims:
-                import torch
-
-                total = max(torch.cuda.mem_get_info(d)[1] for d in candidates)
-                raise DoesNotFit(f"{nbytes / 1e9:.2f} GB does not fit on "
-                                 f"{'GPU ' + str(gpu) if gpu is not None else 'any GPU'} "
-                                 f"({total / 1e9:.1f} GB)")
+            if not victims:  # other processes hold the memory
+                raise DoesNotFit(f"{nbytes / 1e9:.2f} GB does not fit in the free memory of "
+                                 f"{'GPU ' + str(gpu) if gpu is not None else 'any GPU'}")
             self._evict(victims[0])  # least recently used
 
     def _evict(self, e: GpuEntry) -> None:
