@@ -63,7 +63,7 @@ def print_model(d: dict[str, Any]) -> None:
         f"dtypes:      {dtypes}",
         f"files:       {', '.join(d['extra_files']) or '-'}",
     ]
-    lines += [f"{k + ':':<13}{v}" for k, v in d["provenance"].items()]
+    lines += [f"{k + ':':<12} {v}" for k, v in d["provenance"].items()]
     lines.append(f"path:        {d['path']}")
     print("\n".join(lines))
     for t in d.get("tensor_list", []):
