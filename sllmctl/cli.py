@@ -13,7 +13,19 @@ from typing import Annotated, Optional
 import typer
 
 from sllmctl import __version__, paths
-from sllmctl.commands import convert, daemon, demo, ls, rm, show, status, unload, verify, warm
+from sllmctl.commands import (
+    convert,
+    daemon,
+    demo,
+    ls,
+    rm,
+    run,
+    show,
+    status,
+    unload,
+    verify,
+    warm,
+)
 from sllmctl.output import fail
 
 app = typer.Typer(
@@ -26,7 +38,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (convert, ls, show, rm, verify, warm, unload, status, demo):
+for module in (convert, ls, show, rm, verify, warm, unload, status, run, demo):
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)

