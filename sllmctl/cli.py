@@ -20,6 +20,7 @@ from sllmctl.commands import (
     ls,
     rm,
     run,
+    serve,
     show,
     status,
     unload,
@@ -38,7 +39,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (convert, ls, show, rm, verify, warm, unload, status, run, demo):
+for module in (convert, ls, show, rm, verify, warm, unload, status, serve, run, demo):
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)

@@ -25,7 +25,7 @@ from typing import Any
 PROTOCOL_VERSION = 1
 
 # operations; the daemon answers FAST_OPS in its socket loop, the rest on worker threads
-OPS = ("ping", "status", "warm", "unload", "measure", "shutdown")
+OPS = ("ping", "status", "warm", "unload", "measure", "serve", "unserve", "shutdown")
 FAST_OPS = frozenset({"status", "shutdown"})
 
 # error codes

@@ -104,6 +104,10 @@ class Daemon:
         self.dram: Any = None
         self.gpu: Any = None
         self.bandwidth: dict[str, Any] | None = load_cached(self.bandwidth_file)
+        self.host: Any = None  # ModelHost, made with the HTTP listener
+        self.http: Any = None
+        self.http_address: str | None = None
+        self.http_lock = threading.Lock()
 
     @property
     def bandwidth_file(self) -> Path:
@@ -214,7 +218,12 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         """Every half second, tell each waiting client that its job is alive."""
+        ticks = 0
         while not self.stop.wait(HEARTBEAT_S):
+            ticks += 1
+            if self.host is not None and ticks % 10 == 0:
+                for name in self.host.reap():
+                    log.info("unloaded %s after its keep-alive", name)
             with self.jobs_lock:
                 jobs = [(j["identity"], j["id"], j["stage"], j["done"], j["total"])
                         for j in self.jobs.values()]
@@ -272,6 +281,8 @@ class Daemon:
             "gpu": self.gpu.status() if ready else None,
             "jobs": jobs,
             "bandwidth": self.bandwidth,
+            "http": self.http_address,
+            "serving": self.host.status() if self.host is not None else [],
         }
 
     def op_measure(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
@@ -298,6 +309,61 @@ class Daemon:
         return {"name": model.name, "tier": "gpu", "gpu": e.device,
                 "seconds": time.perf_counter() - start, "load_seconds": e.load_seconds,
                 "loaded_from": e.loaded_from, "bytes": e.nbytes}
+
+    def _load_chat(self, name: str) -> tuple[Any, str]:
+        """A servable model from the fastest tier that holds it: GPU > DRAM > disk."""
+        from sllmctl.engine.chat import ChatModel
+        from sllmctl.store.store import Store
+
+        self._tiers()
+        model = Store().get(name)
+        if self.gpu.count:
+            resident = name in self.gpu.models
+            e = self.gpu.warm(model, None, self.dram)
+            chat = ChatModel.from_state(name, e.state, f"cuda:{e.device}", e.load_seconds)
+            return chat, "gpu" if resident else e.loaded_from
+        return ChatModel.load(name, "cpu"), "disk"
+
+    def _start_http(self, host: str, port: int, api_key: str | None) -> str:
+        from sllmctl.daemon import http
+        from sllmctl.engine.host import ModelHost
+        from sllmctl.store.store import Store
+
+        address = f"http://{host}:{port}"
+        with self.http_lock:
+            if self.http_address is not None:
+                if self.http_address != address:
+                    raise BadArguments(f"this daemon already serves HTTP on {self.http_address}",
+                                       hint="one HTTP listener per host serves every model")
+                return address
+            sock = http.bind(host, port)
+            self.host = ModelHost(self._load_chat)
+            app = http.make_app(self.host, lambda: Store().names(), api_key,
+                                ready=lambda: self.ready.is_set() and not self.init_error)
+            self.http = http.serve_in_thread(app, sock)
+            self.http_address = address
+            log.info("serving HTTP on %s", address)
+            return address
+
+    def op_serve(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
+        from sllmctl.store.store import Store
+
+        name = _name(args)
+        host, port = str(args.get("host", "127.0.0.1")), int(args.get("port", 8080))
+        keep_alive = float(args.get("keep_alive", 300))
+        Store().get(name)  # an unknown model fails before the listener starts
+        address = self._start_http(host, port, args.get("api_key"))
+        progress("loading", 0, 1)
+        served = self.host.get(name, keep_alive)
+        self.host.release(served)
+        return {"name": name, "endpoint": f"{address}/v1", "tier": served.tier,
+                "load_seconds": served.load_seconds, "keep_alive": served.keep_alive}
+
+    def op_unserve(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
+        name = _name(args)
+        if self.host is None or not self.host.unload(name):
+            raise NotFound(f"model {name} is not being served")
+        return {"name": name, "unserved": True}
 
     def op_unload(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
         name, tier = _name(args), _tier(args, None)

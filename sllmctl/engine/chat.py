@@ -49,6 +49,19 @@ class ChatModel:
         self.load_seconds = load_seconds
 
     @classmethod
+    def from_state(cls, name: str, state: dict[str, Any], device: Any,
+                   load_seconds: float = 0.0) -> ChatModel:
+        """Build on tensors already loaded (e.g. resident in the daemon's GPU tier)."""
+        import torch
+
+        from sllmctl.store.store import Store
+
+        files = Store().path(name) / "files"
+        dtype = torch.float32 if torch.device(device).type == "cpu" else None
+        model = Transformer.from_state_dict(ModelConfig.from_dir(files), state, dtype=dtype)
+        return cls(name, model, Tokenizer.from_folder(files), load_seconds)
+
+    @classmethod
     def load(cls, name: str, device: str | None = None) -> ChatModel:
         """Load a stored model onto `device` (default: cuda if there is one, else cpu).
         On the CPU weights run in float32; on a GPU in their stored dtype."""
@@ -59,13 +72,11 @@ class ChatModel:
 
         start = time.perf_counter()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        files = Store().path(name) / "files"
-        config = ModelConfig.from_dir(files)
-        tokenizer = Tokenizer.from_folder(files)
+        Store().path(name)  # an unknown name fails here, before any loading
         state = sllmctl.load_state_dict(name, device=dev)
-        dtype = torch.float32 if dev.type == "cpu" else None
-        model = Transformer.from_state_dict(config, state, dtype=dtype)
-        return cls(name, model, tokenizer, time.perf_counter() - start)
+        model = cls.from_state(name, state, dev)
+        model.load_seconds = time.perf_counter() - start
+        return model
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -74,10 +85,18 @@ class ChatModel:
     def chat(self, messages: list[dict[str, Any]], params: Params,
              on_text: Callable[[str], None] | None = None) -> Completion:
         """Answer a conversation; `on_text` receives the text as it is generated."""
+        return self._generate(self.prompt_ids(messages), params, on_text)
+
+    def complete(self, prompt: str, params: Params,
+                 on_text: Callable[[str], None] | None = None) -> Completion:
+        """Continue a raw prompt (no chat template)."""
+        return self._generate(self.tokenizer.encode(prompt), params, on_text)
+
+    def _generate(self, ids: list[int], params: Params,
+                  on_text: Callable[[str], None] | None) -> Completion:
         import torch
 
         start = time.perf_counter()
-        ids = self.prompt_ids(messages)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.model.embed_tokens.weight.device)

@@ -1,0 +1,61 @@
+"""sllmctl serve NAME: serve a model over the daemon's OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Optional
+
+import typer
+
+from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.output import Out
+
+NAME = "serve"
+DEFAULT_PORT = 8080
+
+
+def command(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told "
+                                      "otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = DEFAULT_PORT,
+    keep_alive: Annotated[float, typer.Option("--keep-alive", help="Seconds an idle model "
+                                              "stays loaded; -1 keeps it.")] = 300,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require this bearer "  # noqa: UP045
+                                                   "token.", envvar="SLLMCTL_API_KEY")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once the model is "
+                                         "served.")] = False,
+    autostart: AutostartOpt = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Load a model and serve it at /v1 (chat and completions, streaming); Ctrl-C unloads."""
+    from sllmctl.daemon.client import connect
+
+    out = Out(json, quiet)
+    client = connect(autostart)
+    args: dict[str, Any] = {"name": name, "host": host, "port": port, "keep_alive": keep_alive,
+                            "api_key": api_key}
+    with out.progress(f"loading {name}"):
+        result = client.call("serve", args)
+    out.result(result, lambda: print(
+        f"serving {name} at {result['endpoint']} (loaded from {result['tier']} in "
+        f"{result['load_seconds']:.2f} s)" + ("" if detach else "; Ctrl-C to stop"),
+        flush=True))
+    if detach:
+        return
+    seen = 0
+    try:
+        while True:
+            time.sleep(1)
+            served = [s for s in client.call("status")["serving"] if s["name"] == name]
+            if not served:
+                out.info(f"{name} was unloaded (keep-alive or another command)")
+                return
+            if served[0]["requests"] != seen:
+                seen = served[0]["requests"]
+                out.info(f"{name}: {seen} request(s) so far")
+    except KeyboardInterrupt:
+        client.call("unserve", {"name": name})
+        out.info(f"stopped serving {name}")

@@ -1,0 +1,101 @@
+"""The models the daemon serves: loaded on the first request from the fastest tier that holds
+them, unloaded after their keep-alive. One request per model generates at a time (no
+continuous batching yet); requests for different models run side by side."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sllmctl.engine.chat import ChatModel
+
+DEFAULT_KEEP_ALIVE = 300.0  # seconds; -1 keeps a model forever
+
+
+@dataclass
+class Served:
+    name: str
+    model: ChatModel
+    tier: str  # where it was loaded from: gpu (already resident), dram, disk
+    load_seconds: float
+    keep_alive: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = field(default_factory=time.time)
+    active: int = 0
+    requests: int = 0
+
+
+class ModelHost:
+    def __init__(self, loader: Callable[[str], tuple[ChatModel, str]],
+                 keep_alive: float = DEFAULT_KEEP_ALIVE) -> None:
+        self.loader = loader  # name -> (model, tier it came from)
+        self.keep_alive = keep_alive
+        self.models: dict[str, Served] = {}
+        self.loading: set[str] = set()
+        self.lock = threading.Condition()
+        self.cold_starts: list[dict[str, Any]] = []
+
+    def get(self, name: str, keep_alive: float | None = None) -> Served:
+        """The served model, loaded now if it is not (concurrent callers wait for one load)."""
+        with self.lock:
+            while name in self.loading:
+                self.lock.wait()
+            s = self.models.get(name)
+            if s is not None:
+                s.last_used = time.time()
+                s.active += 1
+                s.requests += 1
+                if keep_alive is not None:
+                    s.keep_alive = keep_alive
+                return s
+            self.loading.add(name)
+        try:
+            start = time.perf_counter()
+            model, tier = self.loader(name)
+            seconds = time.perf_counter() - start
+        finally:
+            with self.lock:
+                self.loading.discard(name)
+                self.lock.notify_all()
+        with self.lock:
+            s = Served(name, model, tier, seconds,
+                       self.keep_alive if keep_alive is None else keep_alive, active=1,
+                       requests=1)
+            self.models[name] = s
+            self.cold_starts.append({"model": name, "tier": tier, "seconds": seconds,
+                                     "at": time.time()})
+            return s
+
+    def release(self, s: Served) -> None:
+        with self.lock:
+            s.active -= 1
+            s.last_used = time.time()
+
+    def unload(self, name: str) -> bool:
+        with self.lock:
+            return self.models.pop(name, None) is not None
+
+    def reap(self) -> list[str]:
+        """Unload models idle for longer than their keep-alive."""
+        now = time.time()
+        with self.lock:
+            idle = [n for n, s in self.models.items()
+                    if s.keep_alive >= 0 and not s.active and now - s.last_used > s.keep_alive]
+            for n in idle:
+                del self.models[n]
+        return idle
+
+    @property
+    def busy_loading(self) -> bool:
+        with self.lock:
+            return bool(self.loading)
+
+    def status(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [{"name": s.name, "tier": s.tier, "load_seconds": round(s.load_seconds, 4),
+                     "keep_alive": s.keep_alive, "active": s.active, "requests": s.requests,
+                     "last_used": s.last_used}
+                    for s in self.models.values()]
