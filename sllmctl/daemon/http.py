@@ -158,11 +158,10 @@ def make_app(host: ModelHost, models: Any, api_key: str | None = None,
         def run(on_text: Any) -> Any:
             served = host.get(name, None if keep_alive is None else float(keep_alive))
             try:
-                with served.lock:
-                    m = served.model
-                    if kind == "chat":
-                        return m.chat(messages, params, on_text)
-                    return m.complete(body["prompt"], params, on_text)
+                m = served.model
+                if kind == "chat":
+                    return m.chat(messages, params, on_text)
+                return m.complete(body["prompt"], params, on_text)
             finally:
                 host.release(served)
 

@@ -200,14 +200,14 @@ class Daemon:
         sock.send_multipart([identity, *frames])
 
     def _job(self, identity: bytes, req: proto.Request) -> None:
-        last = [0.0]
+        last: list[Any] = [0.0, None]  # time and stage of the last event sent
 
         def progress(stage: str, done: int, total: int) -> None:
             with self.jobs_lock:
                 self.jobs[req.id].update(stage=stage, done=done, total=total)
             now = time.monotonic()
-            if now - last[0] >= 0.1 or (total and done == total):
-                last[0] = now
+            if now - last[0] >= 0.1 or stage != last[1] or (total and done == total):
+                last[0], last[1] = now, stage
                 self._send(identity, proto.progress(req.id, stage, done, total))
 
         try:
@@ -321,8 +321,11 @@ class Daemon:
             resident = name in self.gpu.models
             e = self.gpu.warm(model, None, self.dram)
             chat = ChatModel.from_state(name, e.state, f"cuda:{e.device}", e.load_seconds)
-            return chat, "gpu" if resident else e.loaded_from
-        return ChatModel.load(name, "cpu"), "disk"
+            tier = "gpu" if resident else e.loaded_from
+        else:
+            chat, tier = ChatModel.load(name, "cpu"), "disk"
+        chat.start_batching()
+        return chat, tier
 
     def _start_http(self, host: str, port: int, api_key: str | None) -> str:
         from sllmctl.daemon import http

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sllmctl.engine.batch import BatchEngine
 from sllmctl.engine.config import ModelConfig
 from sllmctl.engine.model import Transformer
 from sllmctl.engine.sampling import stream
@@ -47,6 +48,16 @@ class ChatModel:
                  load_seconds: float) -> None:
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.load_seconds = load_seconds
+        self.engine: BatchEngine | None = None  # set: requests are batched by its thread
+
+    def start_batching(self, slots: int = 8, max_len: int = 2048) -> None:
+        """Serve concurrent requests through one continuous-batching thread."""
+        self.engine = BatchEngine(self.model, slots, max_len)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     @classmethod
     def from_state(cls, name: str, state: dict[str, Any], device: Any,
@@ -113,10 +124,16 @@ class ChatModel:
                 if on_text:
                     on_text(text)
 
+        if self.engine is not None:
+            tokens = self.engine.submit(ids, params.max_tokens, temperature=params.temperature,
+                                        top_p=params.top_p, top_k=params.top_k, eos=eos,
+                                        generator=generator)
+        else:
+            tokens = stream(self.model, ids, params.max_tokens, temperature=params.temperature,
+                            top_p=params.top_p, top_k=params.top_k, eos_ids=eos,
+                            generator=generator)
         with torch.inference_mode():
-            for token in stream(self.model, ids, params.max_tokens,
-                                temperature=params.temperature, top_p=params.top_p,
-                                top_k=params.top_k, eos_ids=eos, generator=generator):
+            for token in tokens:
                 if count == 0:
                     ttft = time.perf_counter() - start
                 count += 1

@@ -1,6 +1,6 @@
 """The models the daemon serves: loaded on the first request from the fastest tier that holds
-them, unloaded after their keep-alive. One request per model generates at a time (no
-continuous batching yet); requests for different models run side by side."""
+them, unloaded after their keep-alive. Each model batches its concurrent requests in its own
+engine thread (sllmctl.engine.batch)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ class Served:
     tier: str  # where it was loaded from: gpu (already resident), dram, disk
     load_seconds: float
     keep_alive: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
     last_used: float = field(default_factory=time.time)
     active: int = 0
     requests: int = 0
@@ -76,7 +75,10 @@ class ModelHost:
 
     def unload(self, name: str) -> bool:
         with self.lock:
-            return self.models.pop(name, None) is not None
+            s = self.models.pop(name, None)
+        if s is not None:
+            s.model.close()
+        return s is not None
 
     def reap(self) -> list[str]:
         """Unload models idle for longer than their keep-alive."""
@@ -84,8 +86,9 @@ class ModelHost:
         with self.lock:
             idle = [n for n, s in self.models.items()
                     if s.keep_alive >= 0 and not s.active and now - s.last_used > s.keep_alive]
-            for n in idle:
-                del self.models[n]
+            gone = [self.models.pop(n) for n in idle]
+        for s in gone:
+            s.model.close()
         return idle
 
     @property
