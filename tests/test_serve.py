@@ -147,3 +147,28 @@ def test_port_in_use_is_one_line(store: Path, monkeypatch: pytest.MonkeyPatch,
                                                 "Address already in use")
         finally:
             sllmctl("daemon", "stop")
+
+
+def test_keep_alive_unloads_and_a_request_loads_again(store: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      home: Path) -> None:
+    monkeypatch.setenv("SLLMCTL_HOME", str(store))
+    port = free_port()
+    r = sllmctl("serve", MODEL, "--port", str(port), "--keep-alive", "1", "--detach", "--json")
+    assert r.returncode == 0, r.stderr
+    try:
+        c = dc.connect(autostart=False)
+        for _ in range(100):  # the daemon looks for idle models every 5 s
+            if not c.call("status")["serving"]:
+                break
+            threading.Event().wait(0.2)
+        assert c.call("status")["serving"] == []
+        answer = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-").chat \
+            .completions.create(model=MODEL, messages=QUESTION, temperature=0)  # type: ignore[arg-type]
+        assert "Paris" in (answer.choices[0].message.content or "")
+        serving = c.call("status")["serving"]
+        assert [s["name"] for s in serving] == [MODEL]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert metrics.count(f'sllmctl_model_load_seconds{{model="{MODEL}"') == 2
+    finally:
+        sllmctl("daemon", "stop")
