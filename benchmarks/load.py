@@ -95,6 +95,17 @@ def generate(src: Path, layers: int, shards: int = 5) -> list[Path]:
     return sorted(src.glob("*.safetensors"))
 
 
+def save_results(folder: Path, stem: str, results: dict[str, Any]) -> Path:
+    """Write `results` as JSON under `folder` (and under $OUT on the lent GPU machine)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], path.name).write_text(path.read_text())
+    print(f"wrote {path}")
+    return path
+
+
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -513,13 +524,7 @@ def main() -> int:
                                       "--format=csv,noheader"], capture_output=True,
                                      text=True).stdout.strip(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"load-{args.layers}l-{stamp}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], path.name).write_text(path.read_text())
-    print(f"wrote {path}")
+    save_results(args.out, f"load-{args.layers}l", results)
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import drop_caches, free_gpu, generate  # the checkpoint generator
+from load import drop_caches, free_gpu, generate, save_results
 
 
 def sync(device: torch.device) -> None:
@@ -220,12 +220,7 @@ def main() -> int:
     bench_ttft(name, sum(f.size for f in Store().get(name).manifest.files), results)
     results["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     results["torch"] = torch.__version__
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve-{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], path.name).write_text(path.read_text())
-    print(f"wrote {path}")
+    save_results(args.out, f"serve-{name}", results)
     return 0
 
 

@@ -22,6 +22,7 @@ import zmq
 from sllmctl import paths
 from sllmctl.daemon import protocol as proto
 from sllmctl.errors import CorruptCheckpoint, DaemonUnreachable, NotFound, SllmError
+from sllmctl.procs import alive
 
 FIRST_ANSWER_S = 1.5
 SILENCE_S = 5.0  # a long job that sends nothing for this long is taken as hung
@@ -49,21 +50,6 @@ def read_connection() -> Connection | None:
                           int(info["protocol_version"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child not yet reaped is a zombie: dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def autostart_enabled(flag: bool | None = None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,18 +83,8 @@ def stream(
         tokens, pos = token.view(1, 1), pos[-1:] + 1
 
 
-def generate(
-    model: Transformer,
-    prompt_ids: Sequence[int],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_ids: Iterable[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> list[int]:
+def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
+             **options: Any) -> list[int]:
     """Continue one prompt; returns the new token ids, ending with the eos id if one came
-    (as transformers' generate does)."""
-    return list(stream(model, prompt_ids, max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, eos_ids=eos_ids, generator=generator))
+    (as transformers' generate does). Options as for `stream`."""
+    return list(stream(model, prompt_ids, max_new_tokens, **options))

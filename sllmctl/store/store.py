@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sllmctl import paths
 from sllmctl.errors import NotFound, SllmError
+from sllmctl.procs import alive
 from sllmctl.store.format import MANIFEST, Manifest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -123,7 +124,7 @@ class Store:
         for entry in _listdir(self.tmp_dir):
             path = self.tmp_dir / entry
             pid = entry.rsplit(".", 1)[-1]
-            if entry.endswith(".link") or not (pid.isdigit() and _alive(int(pid))):
+            if entry.endswith(".link") or not (pid.isdigit() and alive(int(pid))):
                 _remove(path)
                 removed.append(str(path))
         for entry in _listdir(self.data_dir):
@@ -154,16 +155,6 @@ def _age(path: Path) -> float:
         return time.time() - path.lstat().st_mtime
     except FileNotFoundError:
         return 0.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(path: Path) -> None:
