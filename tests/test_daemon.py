@@ -270,3 +270,4 @@ def test_warm_to_gpu_from_dram_and_from_disk(daemon: int, tmp_path: Path) -> Non
     gpu_models = {m["name"] for m in status()["gpu"]["models"]}
     assert gpu_models == {"g1", "big"}
     assert c.call("unload", {"name": "big"})["unloaded"] == ["gpu"]
+

@@ -172,3 +172,28 @@ def test_keep_alive_unloads_and_a_request_loads_again(store: Path,
         assert metrics.count(f'sllmctl_model_load_seconds{{model="{MODEL}"') == 2
     finally:
         sllmctl("daemon", "stop")
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_serving_loads_through_dram_and_idle_models_leave_the_gpu(
+        store: Path, monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    monkeypatch.setenv("SLLMCTL_HOME", str(store))
+    port = free_port()
+    r = sllmctl("serve", MODEL, "--port", str(port), "--detach", "--json")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert json.loads(r.stdout)["tier"] == "disk"
+        c = dc.connect(autostart=False)
+        s = c.call("status")
+        assert [m["name"] for m in s["gpu"]["models"]] == [MODEL]
+        assert [m["name"] for m in s["dram"]["models"]] == [MODEL]
+        answer = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-").chat \
+            .completions.create(model=MODEL, messages=QUESTION, temperature=0)  # type: ignore[arg-type]
+        assert "Paris" in (answer.choices[0].message.content or "")
+        c.call("unserve", {"name": MODEL})
+        s = c.call("status")
+        assert s["gpu"]["models"] == [] and [m["name"] for m in s["dram"]["models"]] == [MODEL]
+        r = sllmctl("serve", MODEL, "--port", str(port), "--detach", "--json")
+        assert json.loads(r.stdout)["tier"] == "dram"
+    finally:
+        sllmctl("daemon", "stop")

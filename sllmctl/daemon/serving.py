@@ -36,6 +36,11 @@ class ServingMixin:
     def _tiers(self) -> None:
         raise NotImplementedError
 
+    def _unload_gpu(self, name: str) -> None:
+        """A served model that goes idle leaves the GPU (it stays in the DRAM tier)."""
+        if self.gpu is not None and self.gpu.count:
+            self.gpu.unload(name)
+
     def _load_chat(self, name: str) -> tuple[Any, str]:
         """A servable model from the fastest tier that holds it: GPU > DRAM > disk."""
         from sllmctl.engine.chat import ChatModel
@@ -45,9 +50,13 @@ class ServingMixin:
         model = Store().get(name)
         if self.gpu.count:
             resident = name in self.gpu.models
+            from_disk = not resident and not self.dram.has(model)
+            if from_disk and self.dram.pinned and model.manifest.total_bytes <= self.dram.capacity:
+                # through the DRAM tier, so that the model stays there after its keep-alive
+                self.dram.warm(model, lambda *_: None)
             e = self.gpu.warm(model, None, self.dram)
             chat = ChatModel.from_state(name, e.state, f"cuda:{e.device}", e.load_seconds)
-            tier = "gpu" if resident else e.loaded_from
+            tier = "gpu" if resident else ("disk" if from_disk else e.loaded_from)
         else:
             chat, tier = ChatModel.load(name, "cpu"), "disk"
         chat.start_batching()
@@ -66,7 +75,7 @@ class ServingMixin:
                                        hint="one HTTP listener per host serves every model")
                 return address
             sock = http.bind(host, port)
-            self.host = ModelHost(self._load_chat)
+            self.host = ModelHost(self._load_chat, on_unload=self._unload_gpu)
             app = http.make_app(self.host, lambda: Store().names(), api_key,
                                 ready=lambda: self.ready.is_set() and not self.init_error)
             self.http = http.serve_in_thread(app, sock)

@@ -29,8 +29,10 @@ class Served:
 
 class ModelHost:
     def __init__(self, loader: Callable[[str], tuple[ChatModel, str]],
-                 keep_alive: float = DEFAULT_KEEP_ALIVE) -> None:
+                 keep_alive: float = DEFAULT_KEEP_ALIVE,
+                 on_unload: Callable[[str], None] | None = None) -> None:
         self.loader = loader  # name -> (model, tier it came from)
+        self.on_unload = on_unload  # called after a model is unloaded
         self.keep_alive = keep_alive
         self.models: dict[str, Served] = {}
         self.loading: set[str] = set()
@@ -77,8 +79,13 @@ class ModelHost:
         with self.lock:
             s = self.models.pop(name, None)
         if s is not None:
-            s.model.close()
+            self._close(s)
         return s is not None
+
+    def _close(self, s: Served) -> None:
+        s.model.close()
+        if self.on_unload:
+            self.on_unload(s.name)
 
     def reap(self) -> list[str]:
         """Unload models idle for longer than their keep-alive."""
@@ -88,7 +95,7 @@ class ModelHost:
                     if s.keep_alive >= 0 and not s.active and now - s.last_used > s.keep_alive]
             gone = [self.models.pop(n) for n in idle]
         for s in gone:
-            s.model.close()
+            self._close(s)
         return idle
 
     @property
