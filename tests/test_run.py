@@ -74,3 +74,38 @@ def test_run_errors(demo: str) -> None:
     assert r.returncode == 2 and r.stderr.startswith("error: need --max-tokens")
     r = sllmctl("run", demo, input="")
     assert r.returncode == 2 and "no prompt" in r.stderr
+
+
+def test_interactive_chat_at_a_terminal(demo: str) -> None:
+    """Without a prompt, at a terminal, `run` chats: one answer per line until Ctrl-D."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: sllmctl on the pty's terminal
+        os.execvpe(sys.executable, [sys.executable, "-m", "sllmctl", "run", demo], os.environ)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 120.0) -> None:
+        nonlocal seen
+        deadline = timeout
+        while marker not in seen and deadline > 0:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            deadline -= 0.5
+            if ready:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+        assert marker in seen, seen.decode(errors="replace")
+
+    try:
+        read_until(b"> ")
+        os.write(fd, QUESTION.encode() + b"\n")
+        read_until(b"Paris")
+        read_until(b"> ")
+        os.write(fd, b"\x04")  # Ctrl-D ends the chat
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        os.close(fd)
