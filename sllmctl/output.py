@@ -24,6 +24,7 @@ ProgressFn = Callable[[int], None]
 _OS_HINTS = {
     errno.ENOSPC: "free disk space, or point SLLMCTL_HOME at a larger file system",
     errno.EDQUOT: "free disk space, or point SLLMCTL_HOME at a larger file system",
+    errno.EFBIG: "a file-size limit (ulimit -f, or the file system's) is too small",
     errno.EACCES: "check the permissions of the path, or set SLLMCTL_HOME",
     errno.EROFS: "set SLLMCTL_HOME to a writable file system",
     errno.ENOENT: "check the path",

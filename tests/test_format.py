@@ -255,3 +255,27 @@ def test_unknown_name_suggests(tmp_path: Path) -> None:
     with pytest.raises(NotFound) as e:
         sllmctl.load_state_dict("llama")
     assert e.value.hint == "did you mean llama-7b?"
+
+
+def test_full_disk_during_convert_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A write that fails (here EFBIG from a file-size limit, as ENOSPC would) mid-convert."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    save_file({"w": torch.randn(8 << 20)}, tmp_path / "model.safetensors")
+    convert(tmp_path, "old")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+
+    r = subprocess.run([sys.executable, "-m", "sllmctl", "convert", str(tmp_path), "--name",
+                        "new"], capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("error: File too large: ") and lines[0].endswith("data-00000.bin")
+    assert lines[1].startswith("hint: ")
+    assert Store().names() == ["old"] and list(Store().tmp_dir.iterdir()) == []
+    assert sorted(sllmctl.load_state_dict("old")) == ["w"]

@@ -252,9 +252,12 @@ class _ChunkWriter:
             return
         self.checksums.append(self._checksum(self.buf.ctypes.data, self.fill))
         view = self.buf.data[: self.fill]
-        while view:
-            n = self.f.write(view)
-            view = view[n:]
+        try:
+            while view:
+                n = self.f.write(view)
+                view = view[n:]
+        except OSError as e:  # a full disk: name the file being written
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.written += self.fill
         self.fill = 0
 
