@@ -45,6 +45,12 @@ def ps(autostart: AutostartOpt = None, json: JsonOpt = False, quiet: QuietOpt = 
 
 def models(s: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
+    for m in s.get("serving") or []:
+        keep = "for ever" if m["keep_alive"] < 0 else f"keep-alive {m['keep_alive']:.0f} s"
+        rows.append({"name": m["name"], "tier": "served", "where": "HTTP", "bytes": None,
+                     "last_used": m["last_used"],
+                     "detail": f"{m['requests']} requests, loaded from {m['tier']} in "
+                               f"{m['load_seconds']:.2f} s, {keep}"})
     for m in (s.get("gpu") or {}).get("models", []):
         rows.append({"name": m["name"], "tier": "gpu", "where": f"GPU {m['gpu']}",
                      "bytes": m["bytes"], "last_used": m["last_used"],
@@ -65,7 +71,7 @@ def _print_ps(rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
         table.add_column(col)
     now = time.time()
     for r in rows:
-        table.add_row(r["name"], r["where"], human_size(r["bytes"]),
+        table.add_row(r["name"], r["where"], human_size(r["bytes"]) if r["bytes"] else "",
                       f"{now - r['last_used']:.0f} s", r["detail"])
     stdout_console().print(table)
     for j in s["jobs"]:
@@ -76,6 +82,8 @@ def _print_ps(rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
 def _print_status(s: dict[str, Any]) -> None:
     d = s["daemon"]
     print(f"daemon:  {d['state']}, pid {d['pid']}, {d['endpoint']}, up {d['uptime_s']:.0f} s")
+    if s.get("http"):
+        print(f"http:    {s['http']}/v1")
     if s["dram"]:
         r = s["dram"]
         print(f"dram:    {human_size(r['used'])} used of {human_size(r['capacity'])} "

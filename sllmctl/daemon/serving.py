@@ -92,7 +92,7 @@ class ServingMixin:
         Store().get(name)  # an unknown model fails before the listener starts
         address = self._start_http(host, port, args.get("api_key"))
         progress("loading", 0, 1)
-        served = self.host.get(name, keep_alive)
+        served = self.host.get(name, keep_alive, request=False)
         self.host.release(served)
         return {"name": name, "endpoint": f"{address}/v1", "tier": served.tier,
                 "load_seconds": served.load_seconds, "keep_alive": served.keep_alive}

@@ -39,8 +39,9 @@ class ModelHost:
         self.lock = threading.Condition()
         self.cold_starts: list[dict[str, Any]] = []
 
-    def get(self, name: str, keep_alive: float | None = None) -> Served:
-        """The served model, loaded now if it is not (concurrent callers wait for one load)."""
+    def get(self, name: str, keep_alive: float | None = None, request: bool = True) -> Served:
+        """The served model, loaded now if it is not (concurrent callers wait for one load);
+        `request` counts the call as a request."""
         with self.lock:
             while name in self.loading:
                 self.lock.wait()
@@ -48,7 +49,7 @@ class ModelHost:
             if s is not None:
                 s.last_used = time.time()
                 s.active += 1
-                s.requests += 1
+                s.requests += request
                 if keep_alive is not None:
                     s.keep_alive = keep_alive
                 return s
@@ -64,7 +65,7 @@ class ModelHost:
         with self.lock:
             s = Served(name, model, tier, seconds,
                        self.keep_alive if keep_alive is None else keep_alive, active=1,
-                       requests=1)
+                       requests=int(request))
             self.models[name] = s
             self.cold_starts.append({"model": name, "tier": tier, "seconds": seconds,
                                      "at": time.time()})
