@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +10,7 @@ import typer
 from sllmctl.commands._common import JsonOpt, QuietOpt
 from sllmctl.commands.convert import convert_and_report
 from sllmctl.commands.ls import command as ls_command
+from sllmctl.commands.run import stream_to_stdout
 from sllmctl.commands.show import describe, print_model
 from sllmctl.output import Out
 
@@ -46,7 +46,7 @@ def command(
         print_model(data["model"])
         print(f"\n$ sllmctl run {DEMO_NAME} {shlex.quote(QUESTION)}", flush=True)
     model = ChatModel.load(DEMO_NAME)
-    stream = None if (json or quiet) else _write
+    stream = None if (json or quiet) else stream_to_stdout
     done = model.chat([{"role": "user", "content": QUESTION}], Params(max_tokens=64), stream)
     data["question"], data["answer"] = QUESTION, {**done.to_dict(),
                                                   "load_seconds": model.load_seconds}
@@ -55,7 +55,3 @@ def command(
     else:
         print()
 
-
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()

@@ -49,7 +49,7 @@ def command(
     if not interactive:
         assert prompt is not None
         messages.append({"role": "user", "content": prompt})
-        done = model.chat(messages, params, None if (json or quiet) else _write)
+        done = model.chat(messages, params, None if (json or quiet) else stream_to_stdout)
         if json:
             out.result({"model": name, **done.to_dict(),
                         "load_seconds": round(model.load_seconds, 3)})
@@ -66,11 +66,11 @@ def command(
         if not line:
             continue
         messages.append({"role": "user", "content": line})
-        done = model.chat(messages, params, _write)
+        done = model.chat(messages, params, stream_to_stdout)
         print()
         messages.append({"role": "assistant", "content": done.text})
 
 
-def _write(text: str) -> None:
+def stream_to_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()

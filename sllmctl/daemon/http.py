@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -228,8 +229,6 @@ def make_app(host: ModelHost, models: Any, api_key: str | None = None,
         async def handle(request: Request) -> Response:
             try:
                 body = await body_of(request)
-                from starlette.concurrency import run_in_threadpool
-
                 if body.get("stream"):
                     return generate(path, body, kind)
                 return await run_in_threadpool(generate, path, body, kind)

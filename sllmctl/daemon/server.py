@@ -22,6 +22,7 @@ import zmq
 from sllmctl import __version__, paths
 from sllmctl.daemon import protocol as proto
 from sllmctl.daemon.bandwidth import load_cached, measure, save
+from sllmctl.daemon.client import connection_file
 from sllmctl.daemon.serving import ServingMixin, _name
 from sllmctl.daemon.tiers import BadArguments
 from sllmctl.errors import CorruptCheckpoint, NotFound, SllmError
@@ -30,10 +31,6 @@ log = logging.getLogger("sllmctl.daemon")
 REPLIES = "inproc://replies"
 HEARTBEAT_S = 0.5
 WORKERS = 8
-
-
-def connection_file() -> Path:
-    return paths.runtime_dir() / "daemon.json"
 
 
 def default_endpoint() -> str:

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sllmctl.errors import SllmError
+from sllmctl.errors import CorruptCheckpoint, SllmError
 from sllmctl.store.format import ALIGNMENT
 from sllmctl.store.gpu_loader import Piece, PinnedModel, PinnedPool, load_to_gpu, pinned_to_gpu
-from sllmctl.store.reader import _reconvert, open_data
+from sllmctl.store.reader import check_chunks, open_data, reconvert_hint
 from sllmctl.store.store import StoredModel
 
 if TYPE_CHECKING:
@@ -179,15 +179,11 @@ class DramTier:
                 f = model.manifest.files[piece.file]
                 n, sums = native.read_verify(fds[piece.file], buf.data_ptr(), piece.length,
                                              piece.offset, chunk, 4)
-                first = piece.offset // chunk
-                bad = [i for i, s in enumerate(sums, first) if s != f.checksums[i]]
-                if n != piece.length or bad:
-                    where = f"chunk {bad[0]}" if bad else f"bytes after {piece.offset + n}"
-                    from sllmctl.errors import CorruptCheckpoint
-
+                if n != piece.length:
                     raise CorruptCheckpoint(
-                        f"model {model.name}: data file {f.path} {where} fails its checksum",
-                        hint=_reconvert(model))
+                        f"model {model.name}: data file {f.path} ended after byte "
+                        f"{piece.offset + n}", hint=reconvert_hint(model))
+                check_chunks(model, f, piece.offset // chunk, sums)
                 done += piece.length
                 progress("reading", done, entry.nbytes)
         finally:

@@ -77,8 +77,9 @@ def stream(
     for _ in range(max_new_tokens):
         logits = model(tokens, pos, last_only=True)[:, -1]
         token = sample(logits, temperature, top_p, top_k, generator)
-        yield int(token.item())
-        if int(token.item()) in stop:
+        tid = int(token.item())  # one device sync per step
+        yield tid
+        if tid in stop:
             return
         tokens, pos = token.view(1, 1), pos[-1:] + 1
 

@@ -2,9 +2,7 @@
 
 A stored model keeps its Hugging Face tokenizer files under `<model folder>/files/`. This module
 reads them without transformers: `tokenizers` does the byte-pair work, and the chat template is
-rendered by jinja2 in a sandbox set up the way transformers sets it up
-(`transformers/utils/chat_template_utils.py`), so that a prompt here is the same string that
-`AutoTokenizer.apply_chat_template(..., tokenize=False)` returns.
+rendered as transformers renders it (sllmctl/engine/chat_template.py).
 
 Streaming text goes token by token through a `StreamDecoder` (one per request), then through a
 `StopChecker` that holds back what may be the start of a stop string.
@@ -12,11 +10,7 @@ Streaming text goes token by token through a `StreamDecoder` (one per request), 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Iterable, Mapping
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +18,17 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
+from sllmctl.engine.chat_template import (
+    alias_reasoning,
+    compile_template,
+    find_chat_template,
+    one_line,
+    plain,
+    read_json,
+)
 from sllmctl.errors import SllmError
 
 # The named special tokens a chat template sees as variables
@@ -42,8 +43,6 @@ SPECIAL_TOKEN_NAMES = (
     "mask_token",
 )
 # Names a message's reasoning may come under; templates read the first (transformers aliases them).
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-# Tokens of context decoded before the first new one, so that its leading space comes out right.
 PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
 
@@ -86,13 +85,13 @@ class Tokenizer:
         try:
             backend = _HFTokenizer.from_file(str(tokenizer_file))
         except Exception as e:
-            raise SllmError(f"cannot read {tokenizer_file}: {_one_line(e)}") from e
-        config = _read_json(files_dir / "tokenizer_config.json")
-        gen_config = _read_json(files_dir / "generation_config.json")
+            raise SllmError(f"cannot read {tokenizer_file}: {one_line(e)}") from e
+        config = read_json(files_dir / "tokenizer_config.json")
+        gen_config = read_json(files_dir / "generation_config.json")
 
         tokens: dict[str, Any] = {k: config[k] for k in SPECIAL_TOKEN_NAMES if config.get(k)}
         if "added_tokens_decoder" not in config:  # legacy file, read as transformers does
-            legacy = _read_json(files_dir / "special_tokens_map.json")
+            legacy = read_json(files_dir / "special_tokens_map.json")
             tokens.update({k: legacy[k] for k in SPECIAL_TOKEN_NAMES if legacy.get(k)})
         # A named special token missing from tokenizer.json is added, as transformers does.
         for value in tokens.values():
@@ -116,7 +115,7 @@ class Tokenizer:
         return cls(
             backend,
             special_tokens=special,
-            chat_template=_find_chat_template(files_dir, config),
+            chat_template=find_chat_template(files_dir, config),
             eos_ids=eos_ids,
             bos_id=bos,
             add_bos_token=bool(config.get("add_bos_token", False)),
@@ -180,21 +179,21 @@ class Tokenizer:
             if not isinstance(message, Mapping):
                 raise SllmError(f"a chat message must be a dict, got {type(message).__name__}")
             # Keys set to None are dropped: templates handle a missing key, not a None one.
-            chat.append(_plain({k: v for k, v in message.items() if v is not None}))
-        variables = {**self.special_tokens, **_plain(kwargs)}
-        compiled = _compile(template)
+            chat.append(plain({k: v for k, v in message.items() if v is not None}))
+        variables = {**self.special_tokens, **plain(kwargs)}
+        compiled = compile_template(template)
         try:
             return compiled.render(
-                messages=_alias_reasoning(chat),
-                tools=_plain(tools),
-                documents=_plain(documents),
+                messages=alias_reasoning(chat),
+                tools=plain(tools),
+                documents=plain(documents),
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )
         except jinja2.TemplateError as e:
-            raise SllmError(f"chat template error: {_one_line(e)}") from e
+            raise SllmError(f"chat template error: {one_line(e)}") from e
         except Exception as e:  # a template is code: any failure in it is the template's
-            raise SllmError(f"chat template error: {type(e).__name__}: {_one_line(e)}") from e
+            raise SllmError(f"chat template error: {type(e).__name__}: {one_line(e)}") from e
 
     def _pick_template(self, name_or_template: str | None, tools: object) -> str:
         templates = self.chat_template
@@ -312,18 +311,6 @@ class StopChecker:
 # -- files -------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SllmError(f"cannot read {path}: {_one_line(e)}") from e
-    if not isinstance(data, dict):
-        raise SllmError(f"cannot read {path}: not a JSON object")
-    return data
-
-
 def _token_content(value: Any) -> str:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
     if isinstance(value, dict):
@@ -339,157 +326,3 @@ def _added_token(value: Any) -> AddedToken:
     return AddedToken(str(value), special=True, normalized=False)
 
 
-def _find_chat_template(files_dir: Path, config: dict[str, Any]) -> str | dict[str, str] | None:
-    """The model's chat template(s). As in transformers, template files win over the config's
-    entry; a model with several templates gets a dict of them by name."""
-    templates: dict[str, str] = {}
-    jinja_file = files_dir / "chat_template.jinja"
-    if jinja_file.is_file():
-        templates["default"] = jinja_file.read_text(encoding="utf-8")
-    else:
-        from_json = _read_json(files_dir / "chat_template.json").get("chat_template")
-        if isinstance(from_json, str):
-            templates["default"] = from_json
-    extra_dir = files_dir / "additional_chat_templates"
-    if extra_dir.is_dir():
-        for path in sorted(extra_dir.glob("*.jinja")):
-            templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
-    if templates:
-        return templates["default"] if list(templates) == ["default"] else templates
-    entry = config.get("chat_template")
-    if isinstance(entry, list):  # [{"name": ..., "template": ...}, ...]
-        return {str(t["name"]): str(t["template"]) for t in entry}
-    return entry if isinstance(entry, str) else None
-
-
-# -- template rendering ------------------------------------------------------------------------
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _plain(value: Any) -> Any:
-    """A deep copy of `value` built only of plain JSON types, so the sandboxed template never
-    holds a caller's rich objects (transformers does the same); anything else becomes a
-    placeholder naming its type."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
-        return _plain(value.item())  # numpy scalars
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):  # pydantic models
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _alias_reasoning(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill `reasoning_content` (and `thinking`) from whichever name a message's reasoning uses."""
-    out = []
-    for message in chat:
-        reasoning = next(
-            (message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None
-        )
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        out.append(message)
-    return out
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)  # apply_chat_template makes it a one-line SllmError
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # jinja2's own tojson escapes HTML characters, which no prompt wants.
-    return json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _TemplateDict:
-    """`dict(...)` for templates, without the type itself (no class attribute tricks)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """`namespace(...)` that refuses underscore-prefixed attributes, as transformers' does."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # jinja2's signature trick: self may be a key
-        self, rest = args[0], args[1:]
-        attrs = dict(*rest, **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: object) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"a chat template cannot set {name!r} on a namespace (underscore-prefixed)"
-            )
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """Accepts `{% generation %}...{% endgeneration %}` (used by transformers to mark assistant
-    tokens) and renders its body unchanged."""
-
-    tags = {"generation"}  # noqa: RUF012 (jinja2 reads a class attribute)
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: Any) -> str:
-        return str(caller())
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _Namespace
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateError as e:
-        raise SllmError(f"chat template does not parse: {_one_line(e)}") from e

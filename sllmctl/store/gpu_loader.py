@@ -33,7 +33,7 @@ import numpy as np
 
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store.format import ALIGNMENT, PAGE_WORDS
-from sllmctl.store.reader import _reconvert, open_data, tensor_views
+from sllmctl.store.reader import open_data, reconvert_hint, tensor_views
 from sllmctl.store.store import StoredModel
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class GpuChecker:
         raise CorruptCheckpoint(
             f"model {self.model.name}: data file {f.path} chunk {chunk} "
             f"(bytes {chunk * self.chunk}-{end}) fails its checksum",
-            hint=_reconvert(self.model),
+            hint=reconvert_hint(self.model),
         )
 
 
@@ -258,7 +258,7 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
                 raise CorruptCheckpoint(
                     f"model {model.name}: data file {model.manifest.files[p.file].path} "
                     f"ended early (read {n} of {p.length} bytes at {p.offset})",
-                    hint=_reconvert(model))
+                    hint=reconvert_hint(model))
             done.put((p, buf))
         except BaseException as e:
             if buf is not None:
@@ -380,17 +380,18 @@ def load_pinned(model: StoredModel, piece_size: int = 256 << 20) -> PinnedModel:
     from sllmctl import native
 
     out = []
-    for p in pieces(model, piece_size):
-        buf = torch.empty(p.length, dtype=torch.uint8, pin_memory=True)
-        fd = open_data(model, model.manifest.files[p.file])
-        try:
-            n = native.pread_into(fd, buf.data_ptr(), p.length, p.offset, 8, 8 << 20)
-        finally:
+    fds = [open_data(model, f) for f in model.manifest.files]
+    try:
+        for p in pieces(model, piece_size):
+            buf = torch.empty(p.length, dtype=torch.uint8, pin_memory=True)
+            n = native.pread_into(fds[p.file], buf.data_ptr(), p.length, p.offset, 8, 8 << 20)
+            if n != p.length:
+                raise CorruptCheckpoint(f"model {model.name}: data file ended early",
+                                        hint=reconvert_hint(model))
+            out.append((p, buf))
+    finally:
+        for fd in fds:
             os.close(fd)
-        if n != p.length:
-            raise CorruptCheckpoint(f"model {model.name}: data file ended early",
-                                    hint=_reconvert(model))
-        out.append((p, buf))
     return PinnedModel(model, out)
 
 

@@ -50,7 +50,7 @@ def open_data(model: StoredModel, f: DataFile, direct: bool = False) -> int:
             fd = os.open(path, flags)
         except FileNotFoundError:
             raise CorruptCheckpoint(
-                f"model {model.name}: data file {f.path} is missing", hint=_reconvert(model)
+                f"model {model.name}: data file {f.path} is missing", hint=reconvert_hint(model)
             ) from None
     size = os.fstat(fd).st_size
     if size != f.size:
@@ -58,12 +58,12 @@ def open_data(model: StoredModel, f: DataFile, direct: bool = False) -> int:
         raise CorruptCheckpoint(
             f"model {model.name}: data file {f.path} is {size} bytes, expected {f.size} "
             "(truncated or damaged)",
-            hint=_reconvert(model),
+            hint=reconvert_hint(model),
         )
     return fd
 
 
-def _reconvert(model: StoredModel) -> str:
+def reconvert_hint(model: StoredModel) -> str:
     source = model.manifest.provenance.get("source", "SRC")
     return f"convert it again: sllmctl convert {source} --name {model.name} --force"
 
@@ -76,7 +76,7 @@ def check_chunks(model: StoredModel, f: DataFile, first: int, sums: list[str]) -
             raise CorruptCheckpoint(
                 f"model {model.name}: data file {f.path} chunk {i} (bytes {i * chunk}-{end}) "
                 "fails its checksum",
-                hint=_reconvert(model),
+                hint=reconvert_hint(model),
             )
 
 
@@ -103,7 +103,7 @@ def read_file(
     if n != f.size:
         raise CorruptCheckpoint(
             f"model {model.name}: data file {f.path} ended after {n} of {f.size} bytes",
-            hint=_reconvert(model),
+            hint=reconvert_hint(model),
         )
     if verify:
         check_chunks(model, f, 0, sums)
