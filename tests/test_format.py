@@ -279,3 +279,34 @@ def test_full_disk_during_convert_is_one_line_and_leaves_nothing(tmp_path: Path)
     assert lines[1].startswith("hint: ")
     assert Store().names() == ["old"] and list(Store().tmp_dir.iterdir()) == []
     assert sorted(sllmctl.load_state_dict("old")) == ["w"]
+
+
+def test_tensors_are_laid_out_in_load_order(tmp_path: Path) -> None:
+    """Embedding first, layers in numeric order (10 after 9), head last; q/k/v and gate/up
+    back to back, so the engine can use one view for each group."""
+    names = ["lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"]
+    for i in range(12):
+        for part in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                     "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj",
+                     "input_layernorm"):
+            names.append(f"model.layers.{i}.{part}.weight")
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({n: torch.full((8, 512), float(k)) for k, n in enumerate(names)},
+              src / "model.safetensors")
+    m = convert(src, "ordered")
+    start = {n: (e.file, e.offset) for n, e in m.tensors.items()}
+    ordered = sorted(start, key=start.__getitem__)
+    assert ordered[0] == "model.embed_tokens.weight"
+    assert set(ordered[-2:]) == {"lm_head.weight", "model.norm.weight"}
+    layer_of = [int(n.split(".")[2]) for n in ordered[1:-2]]
+    assert layer_of == sorted(layer_of)
+    for i in range(12):
+        p = f"model.layers.{i}."
+        at = ordered.index(p + "self_attn.q_proj.weight")
+        assert ordered[at:at + 3] == [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+        at = ordered.index(p + "mlp.gate_proj.weight")
+        assert ordered[at + 1] == p + "mlp.up_proj.weight"
+    state = sllmctl.load_state_dict("ordered")
+    for n in names:
+        assert state[n].eq(float(names.index(n))).all()

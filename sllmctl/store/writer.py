@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,12 +133,31 @@ class _Plan:
         self.aliases: dict[str, str] = {}
 
 
+_LAYER = re.compile(r"\.(\d+)\.")
+_FUSED_ORDER = {s: i for i, s in enumerate((
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight"))}
+
+
+def load_order(name: str) -> tuple[int, int, int]:
+    """Where a tensor goes in the data files: the embedding first, then layer by layer in
+    numeric order (so a loader can run layer i while later ones are still arriving), then
+    the rest (final norm, head). Within a layer q/k/v and gate/up weights lie back to back so
+    that the engine multiplies each group as one matrix, through one view."""
+    m = _LAYER.search(name)
+    if m is None:
+        return (0 if "embed" in name or "wte" in name else 2, 0, 0)
+    suffix = name[m.end():]
+    return (1, int(m.group(1)), _FUSED_ORDER.get(suffix, len(_FUSED_ORDER)))
+
+
 def _plan(tensors: list[SourceTensor], target: str | None, max_file_size: int) -> _Plan:
-    """Lay tensors out in data files, each at an aligned offset; shared storage once."""
+    """Lay tensors out in data files in load order, each at an aligned offset; shared storage
+    once."""
     plan = _Plan()
     first_by_key: dict[Any, str] = {}
     file, offset = 0, 0
-    for t in tensors:
+    for t in sorted(tensors, key=lambda t: load_order(t.name)):
         if t.name in plan.tensors or t.name in plan.aliases:
             raise SllmError(f"tensor {t.name!r} appears twice in the source")
         if t.storage_key is not None and t.storage_key in first_by_key:
