@@ -61,3 +61,29 @@ def test_eos_early_stop_and_seeds() -> None:
     assert seeded[0] == seeded[1]
     assert list(engine.submit(p, 8, eos=set())) == first
     engine.close()
+
+
+def test_greedy_and_sampled_rows_in_one_step() -> None:
+    """Rows with different sampling settings share decode steps; greedy rows are unaffected."""
+    model = tiny_model()
+    ps = prompts()
+    alone = generate(model, ps[1], 12, eos_ids=[])
+    engine = BatchEngine(tiny_model(), slots=4, max_len=64)
+    results: dict[str, list[int]] = {}
+
+    def run(key: str, **kw: object) -> None:
+        results[key] = list(engine.submit(ps[1], 12, eos=set(), **kw))  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=run, args=("greedy",)),
+               threading.Thread(target=run, args=("hot",), kwargs={"temperature": 1.5}),
+               threading.Thread(target=run, args=("topk",),
+                                kwargs={"temperature": 1.0, "top_k": 1})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    assert results["greedy"] == alone
+    assert results["topk"] == alone  # top-k 1 leaves only the most likely token
+    assert len(results["hot"]) == 12 and all(0 <= t < 97 for t in results["hot"])
+    assert engine.steps > 0

@@ -343,3 +343,54 @@ def test_smollm2_greedy_matches_transformers() -> None:
         answers[question] = fast.decode(got)
     assert "Paris" in answers["What is the capital of France?"]
     assert len(PROMPTS) == 2 and len(got) == 64  # the story ran the full 64 tokens
+
+
+def _back_to_back(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with each layer's q/k/v and gate/up weights carved from one buffer, in that
+    order, as the store lays them out."""
+    out = dict(state)
+    groups = [("self_attn.", ("q_proj", "k_proj", "v_proj")), ("mlp.", ("gate_proj", "up_proj"))]
+    layers = {k.split(".")[2] for k in state if k.startswith("model.layers.")}
+    for layer in layers:
+        for prefix, names in groups:
+            keys = [f"model.layers.{layer}.{prefix}{n}.weight" for n in names]
+            buf = torch.cat([state[k].reshape(-1) for k in keys])
+            at = 0
+            for k in keys:
+                n = state[k].numel()
+                out[k] = buf[at:at + n].view(state[k].shape)
+                at += n
+    return out
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-bias-linear", "qwen3"])
+def test_back_to_back_weights_are_fused_views(case: str) -> None:
+    hf = tiny_hf(case)
+    config = ModelConfig.from_hf(hf.config.to_dict())
+    state = _back_to_back(hf.state_dict())
+    fused = Transformer.from_state_dict(config, state)
+    plain = Transformer.from_state_dict(config, hf.state_dict())
+    a, m = fused.layers[1].self_attn, fused.layers[1].mlp
+    assert a.qkv is not None and m.gate_up is not None
+    assert a.qkv[0].data_ptr() == a.q_proj.weight.data_ptr()  # a view, not a copy
+    assert plain.layers[1].self_attn.qkv is None and plain.layers[1].mlp.gate_up is None
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fused.setup_cache(2, 16)
+        plain.setup_cache(2, 16)
+        got, want = fused(tokens, torch.arange(9)), plain(tokens, torch.arange(9))
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_attending_over_a_prefix_of_the_cache() -> None:
+    """kv_len shorter than the cache gives the same logits as attending over all of it."""
+    hf = tiny_hf("mistral-window")
+    model = ours(hf)
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    model.setup_cache(1, 64)
+    with torch.inference_mode():
+        full = [model(tokens[:, :8], torch.arange(8))]
+        full += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(8, 12)]
+        short = [model(tokens[:, :8], torch.arange(8), kv_len=8)]
+        short += [model(tokens[:, i:i + 1], torch.tensor([i]), kv_len=16) for i in range(8, 12)]
+    assert (torch.cat(full, 1) - torch.cat(short, 1)).abs().max() < 1e-5

@@ -1,17 +1,26 @@
 """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) in plain PyTorch.
 
 After gpt-fast: built on the `meta` device, then handed the loaded tensors (no second copy);
-no I/O, no printing, no compile or CUDA graphs (those are applied from outside). Module names
-are transformers' less the leading "model.", so a checkpoint loads without a renaming table.
+no I/O, no printing, no compile or CUDA graphs (those are applied from outside: graphs.py).
+Module names are transformers' less the leading "model.", so a checkpoint loads without a
+renaming table.
 
 Every forward writes its keys and values into a `KVCache` at `input_pos` and attends over the
-whole cache through an explicit mask, so that prefill and decode share one path.
+first `kv_len` positions of the cache through an explicit mask, so that prefill and decode share
+one path and a short context does not pay for the whole cache. Grouped-query attention folds
+the query heads of each key/value head into the query length, so the cache is never repeated.
+Where the loader placed q/k/v (or gate/up) weights back to back, as `sllmctl convert` does, one
+matrix multiply reads them through a single view of that memory.
+
+`gate`, when set, is called with the index of each layer before it runs (-1 before the
+embedding, `layers` before the head): the layer-pipelined cold start uses it to wait for the
+weights of that layer and no later ones.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -82,13 +91,15 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.layers)]
         self.batch, self.max_len = batch, max_len
 
-    def update(self, layer: int, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, pos: Tensor, k: Tensor, v: Tensor,
+               kv_len: int) -> tuple[Tensor, Tensor]:
         """Write k, v [B, kv_heads, T, head_dim] at positions pos [B, T]; return the layer's
-        whole cache for those B rows."""
+        cache for those B rows, its first kv_len positions."""
         rows = torch.arange(k.shape[0], device=pos.device)[:, None]
         self.k[layer][rows, :, pos] = k.transpose(1, 2)
         self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer][: k.shape[0]], self.v[layer][: k.shape[0]]
+        b = k.shape[0]
+        return self.k[layer][:b, :, :kv_len], self.v[layer][:b, :, :kv_len]
 
 
 class RMSNorm(nn.Module):
@@ -120,24 +131,33 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden, bias=c.o_bias)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.sizes = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
+        self.qkv: tuple[Tensor, Tensor | None] | None = None  # fused weight view, bias
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor, cache: KVCache
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor, cache: KVCache,
+        kv_len: int,
     ) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        if self.qkv is not None:
+            q, k, v = F.linear(x, *self.qkv).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, heads, dim)
+        k = k.view(b, t, kv_heads, dim)
+        v = v.view(b, t, kv_heads, dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rotate(q.transpose(1, 2), cos, sin)
         k = rotate(k.transpose(1, 2), cos, sin)
-        k, v = cache.update(self.layer, pos, k, v)
-        if self.heads != self.kv_heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        k, v = cache.update(self.layer, pos, k, v, kv_len)
+        # [B, heads, T, dim] -> [B, kv_heads, group * T, dim]: each key/value head attends for
+        # its group of query heads at once (the mask is repeated to match)
+        q = q.reshape(b, kv_heads, heads // kv_heads * t, dim)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        y = y.view(b, heads, t, dim).transpose(1, 2).reshape(b, t, heads * dim)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -146,9 +166,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=c.mlp_bias)
         self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=c.mlp_bias)
+        self.gate_up: tuple[Tensor, Tensor | None] | None = None  # fused weight view, bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -160,9 +185,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden, c.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor, cache: KVCache
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor, cache: KVCache,
+        kv_len: int,
     ) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos, cache)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos, cache, kv_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -182,6 +208,7 @@ class Transformer(nn.Module):
         ]
         self.cache: KVCache | None = None
         self.rope: tuple[Tensor, Tensor] | None = None  # cos, sin [max_len, head_dim] float32
+        self.gate: Callable[[int], None] | None = None
 
     @classmethod
     def from_state_dict(
@@ -209,6 +236,11 @@ class Transformer(nn.Module):
             )
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
+        for block in model.layers:
+            assert isinstance(block, Block)
+            a, m = block.self_attn, block.mlp
+            a.qkv = _fused(a.q_proj, a.k_proj, a.v_proj)
+            m.gate_up = _fused(m.gate_proj, m.up_proj)
         return model.eval().requires_grad_(False)
 
     def setup_cache(
@@ -225,25 +257,66 @@ class Transformer(nn.Module):
         self.rope = (emb.cos() * scale, emb.sin() * scale)
         return self.cache
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor, last_only: bool = False,
+                kv_len: int | None = None) -> Tensor:
         """tokens [B, T] at positions input_pos [T] or [B, T] -> float32 logits [B, T, vocab]
-        ([B, 1, vocab] with `last_only`). Writes the KV cache at input_pos."""
+        ([B, 1, vocab] with `last_only`). Writes the KV cache at input_pos and attends over its
+        first `kv_len` positions (default: all), which must cover every position in input_pos.
+        """
         if self.cache is None or self.rope is None:
             raise RuntimeError("call setup_cache() before forward()")
         b, t = tokens.shape
+        kv_len = self.cache.max_len if kv_len is None else min(kv_len, self.cache.max_len)
         pos = input_pos.expand(b, t) if input_pos.dim() == 1 else input_pos
+        gate = self.gate
+        if gate is not None:
+            gate(-1)
         x = self.embed_tokens(tokens)
         cos, sin = (r[pos].unsqueeze(1).to(x.dtype) for r in self.rope)  # [B, 1, T, head_dim]
-        kpos = torch.arange(self.cache.max_len, device=pos.device)
-        causal = kpos <= pos[..., None]  # [B, T, max_len]: True where attending
-        masks: dict[int | None, Tensor] = {None: causal.unsqueeze(1)}
-        for block, window in zip(self.layers, self.windows, strict=True):
+        kpos = torch.arange(kv_len, device=pos.device)
+        causal = kpos <= pos[..., None]  # [B, T, kv_len]: True where attending
+        group = self.config.heads // self.config.kv_heads
+
+        def fold(mask: Tensor) -> Tensor:  # [B, T, L] -> [B, 1, group * T, L]
+            return mask.unsqueeze(1).repeat(1, 1, group, 1)
+
+        masks: dict[int | None, Tensor] = {None: fold(causal)}
+        for i, (block, window) in enumerate(zip(self.layers, self.windows, strict=True)):
             if window is not None and window not in masks:
-                masks[window] = (causal & (kpos > pos[..., None] - window)).unsqueeze(1)
-            x = block(x, cos, sin, masks[window], pos, self.cache)
+                masks[window] = fold(causal & (kpos > pos[..., None] - window))
+            if gate is not None:
+                gate(i)
+            x = block(x, cos, sin, masks[window], pos, self.cache, kv_len)
         if last_only:
             x = x[:, -1:]
+        if gate is not None:
+            gate(len(self.layers))
         return self.lm_head(self.norm(x)).float()
+
+
+def _fused(*linears: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
+    """One [sum of out, in] view over weights that lie back to back in memory (as the store
+    lays them out), with the biases concatenated; None if they do not."""
+    ws = [m.weight for m in linears]
+    first = ws[0]
+    if first.dim() != 2 or first.device.type == "meta":
+        return None
+    ptr = first.data_ptr()
+    for w in ws:
+        same = (w.dtype == first.dtype and w.device == first.device and w.is_contiguous()
+                and w.dim() == 2 and w.shape[1] == first.shape[1]
+                and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr())
+        if not same or w.data_ptr() != ptr:
+            return None
+        ptr += w.numel() * w.element_size()
+    rows = sum(w.shape[0] for w in ws)
+    weight = first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+    biases = [m.bias for m in linears]
+    if all(b is None for b in biases):
+        return weight, None
+    if any(b is None for b in biases):
+        return None
+    return weight, torch.cat([b for b in biases if b is not None])
 
 
 def _few(names: list[str], n: int = 3) -> str:
