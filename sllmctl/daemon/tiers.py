@@ -1,19 +1,33 @@
 """The daemon's memory tiers: pinned DRAM and GPU. State lives here, in the daemon only.
 
-DRAM tier: a pool of 64 MiB slabs of host memory (pinned where CUDA is present),
-allocated in the background from the daemon's start so that it answers at once. A model is
-cached as chunk-aligned pieces, one slab each, checksummed as they are read. Eviction:
-least recently used first, skipping models in use (being read or copied to a GPU). A model
-larger than the whole pool is refused by the DRAM tier; loaded to a GPU, it streams through
-the loader's small pinned pool instead.
+DRAM tier: a pool of host memory (pinned where CUDA is present), allocated in the background
+from the daemon's start so that it answers at once, as regions of 1 GiB (the remainder as
+smaller regions of powers of two, since the pinned allocator rounds every allocation up to one)
+cut into 64 MiB slabs that are views of their region. A model is cached as chunk-aligned pieces,
+one slab each, checksummed as they are read; it takes the lowest run of consecutive free slabs
+of one region that holds it whole, else the longest runs first, so that the GPU copy can merge
+neighbouring pieces into one large transfer. A model larger than the whole pool is refused by
+the DRAM tier; loaded to a GPU, it streams through the loader's small pinned pool instead.
+
+DRAM eviction: GreedyDual-Size-Frequency. Each model has a priority
+H = L + uses * cost / size, where uses counts its warms and GPU loads, cost is the seconds to
+read it back from disk (its bytes / `reload_rate`), size the pool bytes it holds, and L the
+tier's clock: the H of the last model evicted, so that models not used for a while age out.
+The lowest H goes first, the least recently used of equals, skipping models in use (being read
+or copied to a GPU). As cost grows with size, H per byte comes down to uses / rate: a model
+used often outlives one used once whatever their sizes, and equal uses give LRU.
 
 GPU tier: every visible GPU; a model warmed to a GPU stays there until unloaded or evicted
 (LRU, when another model needs the room). A load picks the GPU with the most free memory
 unless told which, and reads from the fastest tier that holds the model: DRAM, else disk.
+Loads run in the background (`start`), one at a time, with the model's tensors usable as
+views from the start (the layer-pipelined cold start waits per layer). Memory of an evicted
+model stays in this process's allocator for the next load, and counts as free.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -24,7 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 from sllmctl.errors import CorruptCheckpoint, SllmError
 from sllmctl.store.format import ALIGNMENT
-from sllmctl.store.gpu_loader import Piece, PinnedModel, PinnedPool, load_to_gpu, pinned_to_gpu
+from sllmctl.store.gpu_loader import (
+    GpuLoad,
+    Piece,
+    PinnedModel,
+    PinnedPool,
+    start_load_to_gpu,
+    start_pinned_to_gpu,
+)
 from sllmctl.store.reader import check_chunks, open_data, reconvert_hint
 from sllmctl.store.store import StoredModel
 
@@ -32,6 +53,7 @@ if TYPE_CHECKING:
     import torch
 
 SLAB = 64 << 20  # bytes; a multiple of the checksum chunk
+REGION = 1 << 30  # bytes; one pinned allocation, cut into slabs
 Progress = Callable[[str, int, int], None]
 
 
@@ -65,6 +87,13 @@ def total_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def region_sizes(capacity: int) -> list[int]:
+    """Whole REGIONs, then the remainder (a multiple of SLAB) as falling powers of two: the
+    pinned allocator rounds each allocation up to a power of two, wasting the difference."""
+    full, rest = divmod(capacity, REGION)
+    return [REGION] * full + [1 << b for b in reversed(range(REGION.bit_length())) if rest >> b & 1]
+
+
 @dataclass
 class DramEntry:
     name: str
@@ -75,14 +104,20 @@ class DramEntry:
     ready: bool = False
     users: int = 0
     last_used: float = field(default_factory=time.time)
+    uses: int = 0  # warms and GPU loads
+    priority: float = 0.0  # GDSF: evicted lowest first
 
 
 class DramTier:
-    def __init__(self, capacity: int, pinned: bool) -> None:
+    def __init__(self, capacity: int, pinned: bool, reload_rate: float = 1.5e9) -> None:
         self.capacity = max(0, capacity) // SLAB * SLAB
         self.pinned = pinned
-        self.slabs: list[torch.Tensor] = []
-        self.free: list[int] = []
+        self.reload_rate = reload_rate  # bytes/s read back from disk; the daemon may set it
+        self.clock = 0.0  # GDSF's L: the priority of the last model evicted
+        self.regions: list[torch.Tensor] = []
+        self.slabs: list[torch.Tensor] = []  # views of the regions
+        self.region_of: list[int] = []  # slab -> region
+        self.free: list[int] = []  # sorted
         self.models: OrderedDict[str, DramEntry] = OrderedDict()  # least recently used first
         self.lock = threading.Condition()
         self.allocation_error: str | None = None
@@ -98,11 +133,14 @@ class DramTier:
         import torch
 
         try:
-            for _ in range(self.capacity // SLAB):
-                slab = torch.empty(SLAB, dtype=torch.uint8, pin_memory=self.pinned)
+            for size in region_sizes(self.capacity):
+                region = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
                 with self.lock:
-                    self.slabs.append(slab)
-                    self.free.append(len(self.slabs) - 1)
+                    self.regions.append(region)
+                    for i in range(size // SLAB):
+                        self.slabs.append(region[i * SLAB:(i + 1) * SLAB])
+                        self.region_of.append(len(self.regions) - 1)
+                        self.free.append(len(self.slabs) - 1)
                     self.lock.notify_all()
         except (RuntimeError, MemoryError) as e:  # keep what we got; say why in status
             with self.lock:
@@ -153,7 +191,7 @@ class DramTier:
                 if len(self.free) < need:
                     progress("allocating", self.allocated, self.capacity)
                     self.lock.wait(0.5)
-            entry.slabs = [self.free.pop() for _ in range(need)]
+            entry.slabs = self._take(need)
             entry.pieces = list(zip(layout, entry.slabs, strict=True))
         try:
             self._read(model, entry, progress)
@@ -217,19 +255,42 @@ class DramTier:
             self._drop(e)
             return True
 
+    def _take(self, need: int) -> list[int]:
+        """`need` free slabs: the lowest run of consecutive slabs of one region that is long
+        enough, else the longest runs first."""
+        runs: list[list[int]] = []
+        for s in self.free:
+            if runs and s == runs[-1][-1] + 1 and self.region_of[s] == self.region_of[s - 1]:
+                runs[-1].append(s)
+            else:
+                runs.append([s])
+        fit = next((r for r in runs if len(r) >= need), None)
+        order = [fit] if fit else sorted(runs, key=len, reverse=True)
+        taken = [s for r in order for s in r][:need]
+        self.free = sorted(set(self.free) - set(taken))
+        return taken
+
     def _touch(self, e: DramEntry) -> None:
+        """Count a use: most recently used, and its GDSF priority raised."""
+        e.uses += 1
         e.last_used = time.time()
+        cost = e.nbytes / self.reload_rate  # seconds to read it back
+        e.priority = self.clock + e.uses * cost / (max(1, len(e.slabs)) * SLAB)
         self.models.move_to_end(e.name)
 
     def _evict_one(self) -> bool:
-        for e in self.models.values():
-            if e.ready and not e.users:
-                self._drop(e)
-                return True
-        return False
+        """Drop the idle model of lowest priority, the least recently used of equals."""
+        idle = [e for e in self.models.values() if e.ready and not e.users]  # LRU first
+        if not idle:
+            return False
+        low = min(e.priority for e in idle)  # equal in theory may differ in the last bits
+        victim = next(e for e in idle if math.isclose(e.priority, low, rel_tol=1e-9))
+        self.clock = max(self.clock, victim.priority)
+        self._drop(victim)
+        return True
 
     def _drop(self, e: DramEntry) -> None:
-        self.free.extend(e.slabs)
+        self.free = sorted(self.free + e.slabs)
         e.slabs = []
         if self.models.get(e.name) is e:
             del self.models[e.name]
@@ -242,7 +303,8 @@ class DramTier:
                 "used": sum(len(e.slabs) for e in self.models.values()) * SLAB,
                 "pinned": self.pinned, "allocation_error": self.allocation_error,
                 "models": [{"name": e.name, "bytes": e.nbytes, "ready": e.ready,
-                            "in_use": e.users, "last_used": e.last_used}
+                            "in_use": e.users, "last_used": e.last_used, "uses": e.uses,
+                            "priority": e.priority}
                            for e in self.models.values()],
             }
 
@@ -257,6 +319,11 @@ class GpuEntry:
     loaded_from: str
     load_seconds: float
     last_used: float = field(default_factory=time.time)
+    loading: GpuLoad | None = None  # the load that filled it (maybe still running)
+
+    @property
+    def ready(self) -> bool:
+        return self.loading is None or self.loading.done
 
 
 class GpuTier:
@@ -275,9 +342,13 @@ class GpuTier:
         self._pool: PinnedPool | None = None
 
     def _free(self, device: int) -> int:
+        """Free memory on `device`, counting what this process's allocator holds unused
+        (memory of evicted models is kept there for the next load: a fresh allocation of a
+        model's size costs milliseconds, a few percent of a load from DRAM)."""
         import torch
 
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
 
     def _pick(self, nbytes: int, gpu: int | None) -> int:
         if self.count == 0:
@@ -297,29 +368,40 @@ class GpuTier:
             fits = [d for d in candidates if self._free(d) >= nbytes + self.MARGIN]
             if fits:
                 return max(fits, key=self._free)
-            victims = [e for e in self.models.values() if e.device in candidates]
+            victims = [e for e in self.models.values() if e.device in candidates and e.ready]
             if not victims:  # other processes hold the memory
                 raise DoesNotFit(f"{nbytes / 1e9:.2f} GB does not fit in the free memory of "
                                  f"{'GPU ' + str(gpu) if gpu is not None else 'any GPU'}")
             self._evict(victims[0])  # least recently used
 
     def _evict(self, e: GpuEntry) -> None:
-        import torch
-
         with self.lock:
-            self.models.pop(e.name, None)
-        e.state.clear()
-        with torch.cuda.device(e.device):
-            torch.cuda.empty_cache()
+            if self.models.get(e.name) is e:
+                del self.models[e.name]
+        e.state.clear()  # the memory returns to the allocator, for the next load
 
     def warm(self, model: StoredModel, gpu: int | None, dram: DramTier) -> GpuEntry:
-        with self.load_lock:
+        """Make `model` resident on a GPU; returns once it is loaded and verified."""
+        e, _ = self.start(model, gpu, dram)
+        if e.loading is not None:
+            e.loading.result()
+        return e
+
+    def start(self, model: StoredModel, gpu: int | None, dram: DramTier
+              ) -> tuple[GpuEntry, bool]:
+        """Find `model` resident or start loading it (from DRAM if resident there, else
+        from disk) and return at once: (entry, whether a load started now). While
+        `entry.loading` is not done, its state holds views of memory still being filled
+        (see sllmctl.engine.coldstart). One load at a time: they share the PCIe link."""
+        self.load_lock.acquire()
+        try:
             with self.lock:
                 e = self.models.get(model.name)
                 if e and e.path == str(model.path) and (gpu is None or gpu == e.device):
                     e.last_used = time.time()
                     self.models.move_to_end(e.name)
-                    return e
+                    self.load_lock.release()
+                    return e, False
             if e:
                 self._evict(e)
             device = self._pick(model.manifest.total_bytes, gpu)
@@ -327,20 +409,35 @@ class GpuTier:
             pinned = dram.pinned_model(model) if dram.pinned else None
             try:
                 if pinned is not None:
-                    state, source = pinned_to_gpu(pinned, f"cuda:{device}"), "dram"
+                    load, source = start_pinned_to_gpu(pinned, f"cuda:{device}"), "dram"
                 else:
                     if self._pool is None:
                         self._pool = PinnedPool()
-                    state = load_to_gpu(model, f"cuda:{device}", pool=self._pool)
+                    load = start_load_to_gpu(model, f"cuda:{device}", pool=self._pool)
                     source = "disk"
-            finally:
+            except BaseException:
                 if pinned is not None:
                     dram.release(model.name)
-            entry = GpuEntry(model.name, str(model.path), device, model.manifest.total_bytes,
-                             state, source, time.perf_counter() - start)
-            with self.lock:
-                self.models[model.name] = entry
-            return entry
+                raise
+        except BaseException:
+            self.load_lock.release()
+            raise
+        assert load.state is not None
+        entry = GpuEntry(model.name, str(model.path), device, model.manifest.total_bytes,
+                         load.state, source, 0.0, loading=load)
+        with self.lock:
+            self.models[model.name] = entry
+
+        def done(error: BaseException | None) -> None:
+            entry.load_seconds = time.perf_counter() - start
+            if pinned is not None:
+                dram.release(model.name)
+            if error is not None:
+                self._evict(entry)
+            self.load_lock.release()
+
+        load.add_done_callback(done)
+        return entry, True
 
     def unload(self, name: str) -> bool:
         with self.load_lock:
@@ -362,7 +459,8 @@ class GpuTier:
         with self.lock:
             models = [{"name": e.name, "gpu": e.device, "bytes": e.nbytes,
                        "loaded_from": e.loaded_from, "load_seconds": round(e.load_seconds, 4),
-                       "last_used": e.last_used} for e in self.models.values()]
+                       "ready": e.ready, "last_used": e.last_used}
+                      for e in self.models.values()]
         return {"gpus": gpus, "models": models}
 
 
