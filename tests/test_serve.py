@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -186,7 +187,12 @@ def test_on_a_gpu_serving_loads_through_dram_and_idle_models_leave_the_gpu(
         c = dc.connect(autostart=False)
         s = c.call("status")
         assert [m["name"] for m in s["gpu"]["models"]] == [MODEL]
-        assert [m["name"] for m in s["dram"]["models"]] == [MODEL]
+        for _ in range(100):  # read into the DRAM tier in the background after the load
+            s = c.call("status")
+            if [m["name"] for m in s["dram"]["models"] if m["ready"]] == [MODEL]:
+                break
+            time.sleep(0.1)
+        assert [m["name"] for m in s["dram"]["models"] if m["ready"]] == [MODEL]
         answer = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-").chat \
             .completions.create(model=MODEL, messages=QUESTION, temperature=0)  # type: ignore[arg-type]
         assert "Paris" in (answer.choices[0].message.content or "")

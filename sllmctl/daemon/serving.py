@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -42,25 +43,61 @@ class ServingMixin:
             self.gpu.unload(name)
 
     def _load_chat(self, name: str) -> tuple[Any, str]:
-        """A servable model from the fastest tier that holds it: GPU > DRAM > disk."""
+        """A servable model from the fastest tier that holds it: GPU > DRAM > disk.
+
+        On a GPU host it comes back while its weights are still being copied (layer-pipelined
+        cold start; SLLMCTL_LAYER_PIPELINE=0 turns that off, to compare). A model loaded from
+        disk is then also read into the DRAM tier, in the background, so that it stays there
+        after its keep-alive."""
         from sllmctl.engine.chat import ChatModel
         from sllmctl.store.store import Store
 
         self._tiers()
         model = Store().get(name)
-        if self.gpu.count:
-            resident = name in self.gpu.models
-            from_disk = not resident and not self.dram.has(model)
-            if from_disk and self.dram.pinned and model.manifest.total_bytes <= self.dram.capacity:
-                # through the DRAM tier, so that the model stays there after its keep-alive
-                self.dram.warm(model, lambda *_: None)
-            e = self.gpu.warm(model, None, self.dram)
-            chat = ChatModel.from_state(name, e.state, f"cuda:{e.device}", e.load_seconds)
-            tier = "gpu" if resident else ("disk" if from_disk else e.loaded_from)
+        if not self.gpu.count:
+            chat = ChatModel.load(name, "cpu")
+            chat.start_batching()
+            return chat, "disk"
+        e, fresh = self.gpu.start(model, None, self.dram)
+        if os.environ.get("SLLMCTL_LAYER_PIPELINE", "1") == "0" and e.loading is not None:
+            e.loading.result()  # for comparison: load everything, then compute
+        if e.loading is not None and not e.loading.done:
+            chat = ChatModel.from_loading(name, e.loading)
         else:
-            chat, tier = ChatModel.load(name, "cpu"), "disk"
-        chat.start_batching()
+            if e.loading is not None:
+                e.loading.result()  # a load that failed raises here
+            chat = ChatModel.from_state(name, e.state, f"cuda:{e.device}", e.load_seconds)
+        tier = e.loaded_from if fresh else "gpu"
+        if tier == "disk" and self.dram.pinned and model.manifest.total_bytes <= self.dram.capacity:
+            def fill_dram(error: BaseException | None) -> None:
+                if error is None:
+                    threading.Thread(target=self._fill_dram, args=(model,), daemon=True,
+                                     name="sllmctl-dram-fill").start()
+
+            if chat.loading is not None:
+                chat.loading.add_done_callback(fill_dram)
+            else:
+                fill_dram(None)
+        chat.start_batching(slots=self._slots(model))
         return chat, tier
+
+    def _fill_dram(self, model: Any) -> None:
+        try:
+            self.dram.warm(model, lambda *_: None)
+        except Exception as e:  # the model is served from the GPU; only its DRAM copy is lost
+            log.warning("could not keep %s in the DRAM tier: %s", model.name, e)
+
+    @staticmethod
+    def _slots(model: Any) -> int:
+        """Concurrent requests per model: up to 32 (decode is bound by reading the weights, so
+        more rows cost little) while their KV cache stays within the model's own size, and at
+        least 8."""
+        from sllmctl.engine.config import ModelConfig
+        from sllmctl.store.store import Store
+
+        c = ModelConfig.from_dir(Store().path(model.name) / "files")
+        per_slot = 2 * c.layers * c.kv_heads * c.head_dim * 2 * min(2048, c.max_position_embeddings)
+        return max(8, min(32, model.manifest.total_bytes // max(1, per_slot)))
 
     def _start_http(self, host: str, port: int, api_key: str | None) -> str:
         from sllmctl.daemon import http
@@ -93,7 +130,10 @@ class ServingMixin:
         address = self._start_http(host, port, args.get("api_key"))
         progress("loading", 0, 1)
         served = self.host.get(name, keep_alive, request=False)
-        self.host.release(served)
+        try:
+            self.host.wait_loaded(served)
+        finally:
+            self.host.release(served)
         return {"name": name, "endpoint": f"{address}/v1", "tier": served.tier,
                 "load_seconds": served.load_seconds, "keep_alive": served.keep_alive}
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sllmctl.engine.batch import BatchEngine
 from sllmctl.engine.config import ModelConfig
 from sllmctl.engine.model import Transformer
 from sllmctl.engine.sampling import stream
 from sllmctl.engine.tokenizer import StopChecker, StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from sllmctl.store.gpu_loader import GpuLoad
 
 
 @dataclass
@@ -49,6 +52,7 @@ class ChatModel:
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.load_seconds = load_seconds
         self.engine: BatchEngine | None = None  # set: requests are batched by its thread
+        self.loading: GpuLoad | None = None  # set: weights still arriving (layer-pipelined)
 
     def start_batching(self, slots: int = 8, max_len: int = 2048) -> None:
         """Serve concurrent requests through one continuous-batching thread."""
@@ -71,6 +75,26 @@ class ChatModel:
         dtype = torch.float32 if torch.device(device).type == "cpu" else None
         model = Transformer.from_state_dict(ModelConfig.from_dir(files), state, dtype=dtype)
         return cls(name, model, Tokenizer.from_folder(files), load_seconds)
+
+    @classmethod
+    def from_loading(cls, name: str, load: GpuLoad) -> ChatModel:
+        """Build on a GPU load still in flight: requests start computing on the layers that
+        have arrived (sllmctl.engine.coldstart)."""
+        from sllmctl.engine.coldstart import LayerGate
+        from sllmctl.store.store import Store
+
+        files = Store().path(name) / "files"
+        assert load.state is not None, "start the load with its views allocated"
+        model = Transformer.from_state_dict(ModelConfig.from_dir(files), load.state)
+        model.gate = LayerGate(load, model)
+        chat = cls(name, model, Tokenizer.from_folder(files), 0.0)
+        chat.loading = load
+
+        def loaded(error: BaseException | None) -> None:
+            chat.load_seconds = load.seconds
+
+        load.add_done_callback(loaded)
+        return chat
 
     @classmethod
     def load(cls, name: str, device: str | None = None) -> ChatModel:

@@ -1,6 +1,11 @@
 """The models the daemon serves: loaded on the first request from the fastest tier that holds
 them, unloaded after their keep-alive. Each model batches its concurrent requests in its own
-engine thread (sllmctl.engine.batch)."""
+engine thread (sllmctl.engine.batch).
+
+A loader may hand back a model whose weights are still arriving on the GPU (layer-pipelined
+cold start): requests go to it at once; its load time is recorded when the load ends, and a
+load that fails (a bad checksum) takes the model out again, so that the next request loads it
+afresh."""
 
 from __future__ import annotations
 
@@ -67,9 +72,31 @@ class ModelHost:
                        self.keep_alive if keep_alive is None else keep_alive, active=1,
                        requests=int(request))
             self.models[name] = s
-            self.cold_starts.append({"model": name, "tier": tier, "seconds": seconds,
-                                     "at": time.time()})
-            return s
+        if model.loading is None:
+            self._record(s)
+        else:
+            def loaded(error: BaseException | None) -> None:
+                s.load_seconds = time.perf_counter() - start
+                if error is None:
+                    self._record(s)
+                else:
+                    with self.lock:
+                        gone = self.models.get(name) is s and self.models.pop(name)
+                    if gone:
+                        self._close(s)
+
+            model.loading.add_done_callback(loaded)
+        return s
+
+    def _record(self, s: Served) -> None:
+        with self.lock:
+            self.cold_starts.append({"model": s.name, "tier": s.tier,
+                                     "seconds": s.load_seconds, "at": time.time()})
+
+    def wait_loaded(self, s: Served) -> None:
+        """Block until the model's weights are all on its device and verified."""
+        if s.model.loading is not None:
+            s.model.loading.result()
 
     def release(self, s: Served) -> None:
         with self.lock:
@@ -102,7 +129,9 @@ class ModelHost:
     @property
     def busy_loading(self) -> bool:
         with self.lock:
-            return bool(self.loading)
+            return bool(self.loading) or any(
+                s.model.loading is not None and not s.model.loading.done
+                for s in self.models.values())
 
     def status(self) -> list[dict[str, Any]]:
         with self.lock:

@@ -14,10 +14,14 @@ disk speed without polluting the cache.
 
 `load_pinned` + `pinned_to_gpu` are the in-memory path: a model whose chunks already sit in
 pinned host memory (the daemon's DRAM tier) goes to the GPU with copies and checksums only.
+
+`start_load_to_gpu` / `start_pinned_to_gpu` run the same pipelines in the background and hand
+out the tensor views at once, for the layer-pipelined cold start (GpuLoad.wait_range).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -285,32 +289,68 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
         files.close()
 
 
-def _copy_pipeline(
-    model: StoredModel,
-    device: Any,
-    source: Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]],
-    verify: bool,
-) -> dict[str, torch.Tensor]:
-    """Copy every piece the source yields to the GPU, checksum it there, build views."""
-    import torch
+class GpuLoad:
+    """A model on its way to one GPU: an allocation per data file, pieces copied on a copy
+    stream and checksummed on a second one, one comparison with the manifest at the end.
 
-    device = torch.device(device)
-    files = model.manifest.files
-    with torch.cuda.device(device):
-        # one allocation per data file, made when its first piece arrives, so that it
-        # overlaps the copies of the files before it
-        gpu: list[torch.Tensor | None] = [None] * len(files)
+    Run in the caller's thread (`run`) or in the background (`start`). In the background, the
+    tensor views exist from the start (`state`, over memory still being filled), so that a
+    model can be built at once and compute on the weights that have arrived: `wait_range`
+    blocks until a byte range has been queued for copying and makes the current stream wait
+    for those copies; `result` waits for the whole load and its verification."""
 
-        def allocate(i: int) -> torch.Tensor:
-            t = gpu[i]
-            if t is None:
-                t = gpu[i] = torch.empty(files[i].size, dtype=torch.uint8, device=device)
-            return t
+    def __init__(self, model: StoredModel, device: Any, verify: bool = True,
+                 allocate_now: bool = False) -> None:
+        import torch
 
-        copy_stream = torch.cuda.Stream(device)
-        sum_stream = torch.cuda.Stream(device)
-        checker = GpuChecker(model, device) if verify else None
-        sum_stream.wait_stream(torch.cuda.current_stream(device))  # the checker's zeroed sums
+        self.model, self.device, self.verify = model, torch.device(device), verify
+        files = model.manifest.files
+        self.buffers: list[torch.Tensor | None] = [None] * len(files)
+        with torch.cuda.device(self.device):
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.sum_stream = torch.cuda.Stream(self.device)
+            self.checker = GpuChecker(model, self.device) if verify else None
+            self.sum_stream.wait_stream(torch.cuda.current_stream(self.device))  # zeroed sums
+        self.state: dict[str, torch.Tensor] | None = None
+        if allocate_now:
+            self.state = tensor_views(model, [self._allocate(i) for i in range(len(files))])
+        self._cond = threading.Condition()
+        self._copied: list[list[tuple[int, int, torch.cuda.Event]]] = [[] for _ in files]
+        self._error: BaseException | None = None
+        self._done = False
+        self.seconds = 0.0
+        self._thread: threading.Thread | None = None
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
+
+    def _allocate(self, i: int) -> torch.Tensor:
+        import torch
+
+        t = self.buffers[i]
+        if t is None:
+            t = torch.empty(self.model.manifest.files[i].size, dtype=torch.uint8,
+                            device=self.device)
+            self.buffers[i] = t
+        return t
+
+    def start(self, source: Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]
+              ) -> GpuLoad:
+        """Run the load in a background thread."""
+        def work() -> None:
+            with contextlib.suppress(BaseException):  # recorded: result() raises it
+                self.run(source)
+
+        self._thread = threading.Thread(target=work, name="sllmctl-gpuload", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self, source: Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]
+            ) -> dict[str, torch.Tensor]:
+        """Copy every piece the source yields, check the sums, return the tensor views."""
+        import time
+
+        import torch
+
+        t0 = time.perf_counter()
         recycle: queue.Queue[Any] = queue.Queue()
 
         def recycler() -> None:
@@ -322,29 +362,109 @@ def _copy_pipeline(
         thread = threading.Thread(target=recycler, name="sllmctl-recycle", daemon=True)
         thread.start()
         try:
-            for p, buf, release in source:
-                dst = allocate(p.file)[p.offset:p.offset + p.length]
-                with torch.cuda.stream(copy_stream):
-                    dst.copy_(buf[: p.length], non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(copy_stream)
-                recycle.put((copied, release))
-                if checker is not None:
-                    sum_stream.wait_event(copied)
-                    with torch.cuda.stream(sum_stream):
-                        checker.add(p.file, p.offset, dst)
-        finally:
-            recycle.put(None)
-            thread.join()
-        # views and expected sums are built while the last copies are still running
-        state = tensor_views(model, [allocate(i) for i in range(len(files))])
-        torch.cuda.current_stream(device).wait_stream(copy_stream)
-        torch.cuda.current_stream(device).wait_stream(sum_stream)
-        if checker is not None:
-            checker.check(expected_sums(model, device))  # one synchronisation, at the end
-        else:
-            torch.cuda.current_stream(device).synchronize()
-    return state
+            with torch.cuda.device(self.device):
+                try:
+                    for p, buf, release in source:
+                        # allocated when its first piece arrives, so that it overlaps the
+                        # copies of the files before it
+                        dst = self._allocate(p.file)[p.offset:p.offset + p.length]
+                        with torch.cuda.stream(self.copy_stream):
+                            dst.copy_(buf[: p.length], non_blocking=True)
+                            copied = torch.cuda.Event()
+                            copied.record(self.copy_stream)
+                        recycle.put((copied, release))
+                        with self._cond:
+                            self._copied[p.file].append((p.offset, p.offset + p.length, copied))
+                            self._cond.notify_all()
+                        if self.checker is not None:
+                            self.sum_stream.wait_event(copied)
+                            with torch.cuda.stream(self.sum_stream):
+                                self.checker.add(p.file, p.offset, dst)
+                finally:
+                    recycle.put(None)
+                    thread.join()
+                if self.state is None:  # built while the last copies are still running
+                    files = range(len(self.buffers))
+                    self.state = tensor_views(self.model, [self._allocate(i) for i in files])
+                self.sum_stream.wait_stream(self.copy_stream)
+                with torch.cuda.stream(self.sum_stream):
+                    if self.checker is not None:  # one synchronisation, at the end
+                        self.checker.check(expected_sums(self.model, self.device))
+                    else:
+                        self.sum_stream.synchronize()
+        except BaseException as e:
+            self.copy_stream.synchronize()  # nothing may still write the memory we give up
+            self._finish(e)
+            raise
+        self.seconds = time.perf_counter() - t0
+        self._finish(None)
+        return self.state
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._cond:
+            self._error, self._done = error, True
+            self._cond.notify_all()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(error)
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call fn(error or None) when the load ends (now, if it has)."""
+        with self._cond:
+            if not self._done:
+                self._callbacks.append(fn)
+                return
+            error = self._error
+        fn(error)
+
+    def wait_range(self, file: int, start: int, end: int) -> None:
+        """Block until bytes [start, end) of data file `file` are queued for copying, then
+        make the current stream wait for those copies (not for the whole load)."""
+        import torch
+
+        with self._cond:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                events = _covering(self._copied[file], start, end)
+                if events is not None:
+                    break
+                if self._done:
+                    raise RuntimeError(f"bytes {start}-{end} of data file {file} never came")
+                self._cond.wait()
+        stream = torch.cuda.current_stream(self.device)
+        for e in events:
+            stream.wait_event(e)
+
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return self._done
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Wait for the whole load; raise its error (a failed checksum, a short file)."""
+        with self._cond:
+            while not self._done:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+        assert self.state is not None
+        return self.state
+
+
+def _covering(copied: list[tuple[int, int, Any]], start: int, end: int) -> list[Any] | None:
+    """The events of the copies that cover [start, end), or None if a gap remains."""
+    events, at = [], start
+    for lo, hi, event in sorted(copied, key=lambda c: c[0]):
+        if hi <= at or lo >= end:
+            continue
+        if lo > at:
+            return None
+        events.append(event)
+        at = hi
+        if at >= end:
+            break
+    return events if at >= end else None
 
 
 def load_to_gpu(model: StoredModel, device: Any, *, verify: bool = True,
@@ -356,7 +476,15 @@ def load_to_gpu(model: StoredModel, device: Any, *, verify: bool = True,
     `readers` pieces are read at once, each by `read_threads` threads."""
     pool = pool or default_pool()
     source = _read_pieces(model, pieces(model, pool.size), pool, direct, readers, read_threads)
-    return _copy_pipeline(model, device, source, verify)
+    return GpuLoad(model, device, verify).run(source)
+
+
+def start_load_to_gpu(model: StoredModel, device: Any, *, verify: bool = True,
+                      pool: PinnedPool | None = None) -> GpuLoad:
+    """`load_to_gpu` in the background, views available at once (see GpuLoad)."""
+    pool = pool or default_pool()
+    source = _read_pieces(model, pieces(model, pool.size), pool, None, READERS, READ_THREADS)
+    return GpuLoad(model, device, verify, allocate_now=True).start(source)
 
 
 # ---------------------------------------------------------------- the in-memory path
@@ -399,18 +527,50 @@ def pinned_to_gpu(pinned: PinnedModel, device: Any, *, verify: bool = True,
                   copy_size: int = 256 << 20) -> dict[str, torch.Tensor]:
     """Feed the GPU from chunks already resident in pinned memory.
 
-    Pinned pieces must start at chunk boundaries; copies are whole chunks (`copy_size` is
-    rounded up to a multiple of the chunk size) so that each can be checksummed alone."""
+    Pinned pieces must start at chunk boundaries. Pieces that continue each other both in the
+    file and in host memory (consecutive slabs of one pinned region) are copied together;
+    copies are whole chunks of about `copy_size` (rounded up to a multiple of the chunk size)
+    so that each can be checksummed alone."""
+    return GpuLoad(pinned.model, device, verify).run(_pinned_source(pinned, copy_size))
+
+
+def start_pinned_to_gpu(pinned: PinnedModel, device: Any, *, verify: bool = True,
+                        copy_size: int = 256 << 20) -> GpuLoad:
+    """`pinned_to_gpu` in the background, views available at once (see GpuLoad)."""
+    load = GpuLoad(pinned.model, device, verify, allocate_now=True)
+    return load.start(_pinned_source(pinned, copy_size))
+
+
+def coalesce(pieces: list[tuple[Piece, torch.Tensor]]) -> list[tuple[Piece, torch.Tensor]]:
+    """Merge neighbours that continue each other in the same file and the same host memory
+    (one storage, consecutive addresses) into single pieces."""
+    import torch
+
+    out: list[tuple[Piece, torch.Tensor]] = []
+    for p, buf in pieces:
+        if out:
+            q, prev = out[-1]
+            joined = (q.file == p.file and q.offset + q.length == p.offset
+                      and prev.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+                      and prev.data_ptr() + q.length == buf.data_ptr())
+            if joined:
+                merged = torch.empty(0, dtype=torch.uint8, device=buf.device)
+                merged.set_(prev.untyped_storage(), prev.storage_offset(),
+                            (q.length + p.length,), (1,))
+                out[-1] = (Piece(q.file, q.offset, q.length + p.length), merged)
+                continue
+        out.append((p, buf))
+    return out
+
+
+def _pinned_source(pinned: PinnedModel, copy_size: int
+                   ) -> Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]:
     chunk = pinned.model.manifest.chunk_size
     copy_size = -(-copy_size // chunk) * chunk
-
-    def source() -> Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]:
-        for p, buf in pinned.pieces:
-            for off in range(0, p.length, copy_size):
-                n = min(copy_size, p.length - off)
-                yield Piece(p.file, p.offset + off, n), buf[off:off + n], _keep
-
-    return _copy_pipeline(pinned.model, device, source(), verify)
+    for p, buf in coalesce(pinned.pieces):
+        for off in range(0, p.length, copy_size):
+            n = min(copy_size, p.length - off)
+            yield Piece(p.file, p.offset + off, n), buf[off:off + n], _keep
 
 
 def _keep() -> None:

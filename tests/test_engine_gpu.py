@@ -1,0 +1,124 @@
+"""The engine on a CUDA machine: CUDA-graph decode gives the eager result, and a model built
+on a load still in flight (layer-pipelined cold start) answers as one loaded first, and
+refuses to answer from weights that fail their checksums."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sllmctl.engine.batch import BatchEngine
+from sllmctl.engine.config import ModelConfig
+from sllmctl.engine.model import Transformer
+from sllmctl.errors import CorruptCheckpoint
+
+pytestmark = pytest.mark.gpu
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
+          "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 12,
+          "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+          "eos_token_id": 2, "bos_token_id": 1, "torch_dtype": "bfloat16"}
+
+
+def tiny(device: str = "cuda") -> Transformer:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ref = Transformer(ModelConfig.from_hf(CONFIG))
+    state = {(k if k.startswith("lm_head") else f"model.{k}"):
+             torch.randn(v.shape, device=device, dtype=torch.bfloat16) * 0.3
+             for k, v in ref.state_dict().items()}
+    return Transformer.from_state_dict(ModelConfig.from_hf(CONFIG), state)
+
+
+def run_all(engine: BatchEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    import threading
+
+    out: list[list[int]] = [[] for _ in prompts]
+
+    def go(i: int) -> None:
+        out[i] = list(engine.submit(prompts[i], n + i, eos=set()))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_graph_decode_equals_eager() -> None:
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (k,), generator=g).tolist() for k in (5, 40, 300, 7, 2)]
+    plain = BatchEngine(tiny(), slots=4, max_len=1024, graphs=False)
+    eager = run_all(plain, prompts, 20)
+    plain.close()
+    engine = BatchEngine(tiny(), slots=4, max_len=1024, graphs=True)
+    graphed = run_all(engine, prompts, 20)
+    assert graphed == eager
+    assert engine.graphs is not None
+    shapes = set(engine.graphs.graphs)
+    assert {kv for _, kv in shapes} == {256, 512} and len({b for b, _ in shapes}) > 1
+    engine.close()
+    assert engine.graphs.graphs == {}
+
+
+@pytest.fixture
+def stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from sllmctl.store.writer import convert
+
+    src = tmp_path / "src"
+    src.mkdir()
+    model = tiny("cpu")
+    save_file({(k if k.startswith("lm_head") else f"model.{k}"): v.contiguous()
+               for k, v in model.state_dict().items()}, src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps(CONFIG))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(512)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2"}))
+    convert(src, "pipe")
+    return "pipe"
+
+
+def test_pipelined_load_answers_like_a_finished_one(stored: str) -> None:
+    from sllmctl.engine.chat import ChatModel, Params
+    from sllmctl.store.gpu_loader import start_load_to_gpu
+    from sllmctl.store.store import Store
+
+    prompt = " ".join(f"w{i}" for i in range(3, 60))
+    want = ChatModel.load(stored, "cuda").complete(prompt, Params(max_tokens=16))
+    chat = ChatModel.from_loading(stored, start_load_to_gpu(Store().get(stored), "cuda"))
+    assert chat.model.gate is not None
+    chat.start_batching(slots=2)
+    got = chat.complete(prompt, Params(max_tokens=16))
+    assert got.text == want.text and got.completion_tokens == want.completion_tokens
+    assert chat.model.gate is None  # removed once the load was verified
+    assert chat.loading is not None and chat.loading.done
+    chat.close()
+
+
+def test_pipelined_load_refuses_corrupt_weights(stored: str) -> None:
+    from sllmctl.engine.chat import ChatModel, Params
+    from sllmctl.store.gpu_loader import start_load_to_gpu
+    from sllmctl.store.store import Store
+
+    model = Store().get(stored)
+    last = model.manifest.tensors["model.layers.11.mlp.down_proj.weight"]
+    path = model.path / model.manifest.files[last.file].path
+    with open(path, "r+b") as f:
+        f.seek(last.offset + 100)
+        byte = f.read(1)
+        f.seek(last.offset + 100)
+        f.write(bytes([byte[0] ^ 0x40]))
+    chat = ChatModel.from_loading(stored, start_load_to_gpu(model, "cuda"))
+    chat.start_batching(slots=2)
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        chat.complete("w5 w6 w7", Params(max_tokens=4))
+    chat.close()

@@ -1,0 +1,37 @@
+"""The GPU loader's bookkeeping that runs on any machine: merging pinned pieces into larger
+copies, and knowing when a byte range has been queued."""
+
+from __future__ import annotations
+
+import torch
+
+from sllmctl.store.gpu_loader import Piece, _covering, coalesce
+
+
+def test_coalesce_merges_only_true_neighbours() -> None:
+    region = torch.arange(64, dtype=torch.uint8)
+    other = torch.zeros(16, dtype=torch.uint8)
+    pieces = [
+        (Piece(0, 0, 16), region[0:16]),
+        (Piece(0, 16, 16), region[16:32]),  # continues in the file and in memory: merged
+        (Piece(0, 32, 16), other),  # continues in the file only
+        (Piece(1, 0, 16), region[32:48]),  # another file
+        (Piece(1, 16, 8), region[48:56]),  # a short last piece, still contiguous
+        (Piece(1, 32, 8), region[56:64]),  # a gap in the file
+    ]
+    out = coalesce(pieces)
+    assert [(p.file, p.offset, p.length) for p, _ in out] == [
+        (0, 0, 32), (0, 32, 16), (1, 0, 24), (1, 32, 8)]
+    assert torch.equal(out[0][1], region[:32])
+    assert out[0][1].data_ptr() == region.data_ptr()  # a view of the region, not a copy
+    assert torch.equal(out[2][1], region[32:56])
+
+
+def test_covering_needs_every_byte() -> None:
+    copied = [(64, 128, "b"), (0, 64, "a"), (192, 256, "d")]
+    assert _covering(copied, 0, 128) == ["a", "b"]
+    assert _covering(copied, 10, 20) == ["a"]
+    assert _covering(copied, 100, 200) is None  # 128-192 is not queued yet
+    copied.append((128, 192, "c"))
+    assert _covering(copied, 100, 200) == ["b", "c", "d"]
+    assert _covering(copied, 0, 300) is None
