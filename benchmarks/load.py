@@ -252,6 +252,8 @@ def bench_daemon(name: str, model_bytes: int, limit: float, results: dict[str, A
             assert r["loaded_from"] == "dram", r
             walls.append(wall)
             inside.append(r["load_seconds"])
+            print(f"    warm --tier gpu from dram: {wall:.3f} s; in the daemon "
+                  f"{r['load_seconds']:.3f} s, stages {r.get('timings')}", flush=True)
         record("daemon warm gpu", "from dram", walls, model_bytes,
                in_daemon_s=inside, in_daemon_vs_limit=model_bytes / statistics.median(inside)
                / GB / limit)

@@ -211,6 +211,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--ttft-from", default="dram,disk", help="tiers to time TTFT from")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-eager", action="store_true", help="on CUDA, time graphs only")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -240,7 +241,8 @@ def main() -> int:
     prompts = [torch.randint(300, vocab - 300, (32,), generator=g).tolist()
                for _ in range(args.streams)]
     slots = max(args.streams, 1)
-    modes = [True, False] if device.type == "cuda" else [False]
+    modes = [True] if args.skip_eager else [True, False]
+    modes = modes if device.type == "cuda" else [False]
     for graphs in modes:
         label = "CUDA graphs" if graphs else "eager"
         one, _ = decode_rate(chat, prompts[:1], args.tokens, graphs, slots)

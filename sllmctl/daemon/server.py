@@ -306,7 +306,8 @@ class Daemon(ServingMixin):
         e = self.gpu.warm(model, gpu, self.dram)
         return {"name": model.name, "tier": "gpu", "gpu": e.device,
                 "seconds": time.perf_counter() - start, "load_seconds": e.load_seconds,
-                "loaded_from": e.loaded_from, "bytes": e.nbytes}
+                "loaded_from": e.loaded_from, "bytes": e.nbytes,
+                "timings": e.loading.timings if e.loading else {}}
 
     def op_unload(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
         name, tier = _name(args), _tier(args, None)

@@ -320,6 +320,7 @@ class GpuEntry:
     load_seconds: float
     last_used: float = field(default_factory=time.time)
     loading: GpuLoad | None = None  # the load that filled it (maybe still running)
+    settled: threading.Event = field(default_factory=threading.Event)  # its load's end handled
 
     @property
     def ready(self) -> bool:
@@ -383,6 +384,7 @@ class GpuTier:
     def warm(self, model: StoredModel, gpu: int | None, dram: DramTier) -> GpuEntry:
         """Make `model` resident on a GPU; returns once it is loaded and verified."""
         e, _ = self.start(model, gpu, dram)
+        e.settled.wait()
         if e.loading is not None:
             e.loading.result()
         return e
@@ -435,6 +437,7 @@ class GpuTier:
             if error is not None:
                 self._evict(entry)
             self.load_lock.release()
+            entry.settled.set()
 
         load.add_done_callback(done)
         return entry, True
@@ -459,7 +462,8 @@ class GpuTier:
         with self.lock:
             models = [{"name": e.name, "gpu": e.device, "bytes": e.nbytes,
                        "loaded_from": e.loaded_from, "load_seconds": round(e.load_seconds, 4),
-                       "ready": e.ready, "last_used": e.last_used}
+                       "ready": e.ready, "last_used": e.last_used,
+                       "timings": e.loading.timings if e.loading else {}}
                       for e in self.models.values()]
         return {"gpus": gpus, "models": models}
 

@@ -91,13 +91,12 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.layers)]
         self.batch, self.max_len = batch, max_len
 
-    def update(self, layer: int, pos: Tensor, k: Tensor, v: Tensor,
+    def update(self, layer: int, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor,
                kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, kv_heads, T, head_dim] at positions pos [B, T]; return the layer's
-        cache for those B rows, its first kv_len positions."""
-        rows = torch.arange(k.shape[0], device=pos.device)[:, None]
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        """Write k, v [B, T, kv_heads, head_dim] at positions pos [B, T] of rows [B, 1];
+        return the layer's cache for those B rows, its first kv_len positions."""
+        self.k[layer][rows, :, pos] = k
+        self.v[layer][rows, :, pos] = v
         b = k.shape[0]
         return self.k[layer][:b, :, :kv_len], self.v[layer][:b, :, :kv_len]
 
@@ -109,15 +108,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda:  # one fused kernel (float32 inside) instead of seven
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Rotary embedding of x [..., head_dim] in the rotate-half convention. `sin` has its
+    first half negated (see Transformer.setup_cache), so that rotate_half(x) * sin is
+    roll(x) * sin: three kernels."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
@@ -135,26 +137,33 @@ class Attention(nn.Module):
         self.qkv: tuple[Tensor, Tensor | None] | None = None  # fused weight view, bias
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor, cache: KVCache,
-        kv_len: int,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, rows: Tensor, pos: Tensor,
+        cache: KVCache, kv_len: int,
     ) -> Tensor:
         b, t, _ = x.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        if self.qkv is not None:
-            q, k, v = F.linear(x, *self.qkv).split(self.sizes, dim=-1)
+        if self.qkv is not None and self.q_norm is None:
+            # q and k rotated together: [B, T, heads + kv_heads, dim] is a view of the output
+            out = F.linear(x, *self.qkv)
+            qk = rotate(out[..., : (heads + kv_heads) * dim].view(b, t, heads + kv_heads, dim),
+                        cos, sin)
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+            v = out[..., (heads + kv_heads) * dim:].view(b, t, kv_heads, dim)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, heads, dim)
-        k = k.view(b, t, kv_heads, dim)
-        v = v.view(b, t, kv_heads, dim).transpose(1, 2)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = rotate(q.transpose(1, 2), cos, sin)
-        k = rotate(k.transpose(1, 2), cos, sin)
-        k, v = cache.update(self.layer, pos, k, v, kv_len)
-        # [B, heads, T, dim] -> [B, kv_heads, group * T, dim]: each key/value head attends for
+            if self.qkv is not None:
+                q, k, v = F.linear(x, *self.qkv).split(self.sizes, dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(b, t, heads, dim)
+            k = k.view(b, t, kv_heads, dim)
+            v = v.view(b, t, kv_heads, dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k, v = cache.update(self.layer, rows, pos, k, v, kv_len)
+        # [B, T, heads, dim] -> [B, kv_heads, group * T, dim]: each key/value head attends for
         # its group of query heads at once (the mask is repeated to match)
-        q = q.reshape(b, kv_heads, heads // kv_heads * t, dim)
+        q = q.transpose(1, 2).reshape(b, kv_heads, heads // kv_heads * t, dim)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.view(b, heads, t, dim).transpose(1, 2).reshape(b, t, heads * dim)
         return self.o_proj(y)
@@ -185,10 +194,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden, c.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor, cache: KVCache,
-        kv_len: int,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, rows: Tensor, pos: Tensor,
+        cache: KVCache, kv_len: int,
     ) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos, cache, kv_len)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, rows, pos, cache,
+                               kv_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -207,7 +217,8 @@ class Transformer(nn.Module):
             for i in range(config.layers)
         ]
         self.cache: KVCache | None = None
-        self.rope: tuple[Tensor, Tensor] | None = None  # cos, sin [max_len, head_dim] float32
+        # cos, sin [max_len, head_dim] float32; sin's first half negated (see rotate)
+        self.rope: tuple[Tensor, Tensor] | None = None
         self.gate: Callable[[int], None] | None = None
 
     @classmethod
@@ -254,7 +265,9 @@ class Transformer(nn.Module):
         t = torch.arange(max_len, device=device, dtype=torch.float32)
         freqs = t[:, None] * inv_freq.to(device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.rope = (emb.cos() * scale, emb.sin() * scale)
+        sin = emb.sin() * scale
+        sin[:, : self.config.head_dim // 2] *= -1  # the sign of rotate_half, folded in
+        self.rope = (emb.cos() * scale, sin)
         return self.cache
 
     def forward(self, tokens: Tensor, input_pos: Tensor, last_only: bool = False,
@@ -272,13 +285,15 @@ class Transformer(nn.Module):
         if gate is not None:
             gate(-1)
         x = self.embed_tokens(tokens)
-        cos, sin = (r[pos].unsqueeze(1).to(x.dtype) for r in self.rope)  # [B, 1, T, head_dim]
+        cos, sin = (r[pos].unsqueeze(2).to(x.dtype) for r in self.rope)  # [B, T, 1, head_dim]
+        rows = torch.arange(b, device=pos.device)[:, None]
         kpos = torch.arange(kv_len, device=pos.device)
         causal = kpos <= pos[..., None]  # [B, T, kv_len]: True where attending
         group = self.config.heads // self.config.kv_heads
 
-        def fold(mask: Tensor) -> Tensor:  # [B, T, L] -> [B, 1, group * T, L]
-            return mask.unsqueeze(1).repeat(1, 1, group, 1)
+        def fold(mask: Tensor) -> Tensor:  # [B, T, L] -> additive [B, 1, group * T, L]
+            add = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+            return add.masked_fill_(~mask, -torch.inf).unsqueeze(1).repeat(1, 1, group, 1)
 
         masks: dict[int | None, Tensor] = {None: fold(causal)}
         for i, (block, window) in enumerate(zip(self.layers, self.windows, strict=True)):
@@ -286,7 +301,7 @@ class Transformer(nn.Module):
                 masks[window] = fold(causal & (kpos > pos[..., None] - window))
             if gate is not None:
                 gate(i)
-            x = block(x, cos, sin, masks[window], pos, self.cache, kv_len)
+            x = block(x, cos, sin, masks[window], rows, pos, self.cache, kv_len)
         if last_only:
             x = x[:, -1:]
         if gate is not None:

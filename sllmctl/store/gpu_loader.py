@@ -301,8 +301,12 @@ class GpuLoad:
 
     def __init__(self, model: StoredModel, device: Any, verify: bool = True,
                  allocate_now: bool = False) -> None:
+        import time
+
         import torch
 
+        self._t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}  # seconds from creation to each stage
         self.model, self.device, self.verify = model, torch.device(device), verify
         files = model.manifest.files
         self.buffers: list[torch.Tensor | None] = [None] * len(files)
@@ -314,6 +318,7 @@ class GpuLoad:
         self.state: dict[str, torch.Tensor] | None = None
         if allocate_now:
             self.state = tensor_views(model, [self._allocate(i) for i in range(len(files))])
+        self._mark("allocated")
         self._cond = threading.Condition()
         self._copied: list[list[tuple[int, int, torch.cuda.Event]]] = [[] for _ in files]
         self._error: BaseException | None = None
@@ -321,6 +326,11 @@ class GpuLoad:
         self.seconds = 0.0
         self._thread: threading.Thread | None = None
         self._callbacks: list[Callable[[BaseException | None], None]] = []
+
+    def _mark(self, stage: str) -> None:
+        import time
+
+        self.timings[stage] = round(time.perf_counter() - self._t0, 4)
 
     def _allocate(self, i: int) -> torch.Tensor:
         import torch
@@ -373,6 +383,8 @@ class GpuLoad:
                             copied = torch.cuda.Event()
                             copied.record(self.copy_stream)
                         recycle.put((copied, release))
+                        if "first_copy" not in self.timings:
+                            self._mark("first_copy")
                         with self._cond:
                             self._copied[p.file].append((p.offset, p.offset + p.length, copied))
                             self._cond.notify_all()
@@ -381,6 +393,7 @@ class GpuLoad:
                             with torch.cuda.stream(self.sum_stream):
                                 self.checker.add(p.file, p.offset, dst)
                 finally:
+                    self._mark("queued")
                     recycle.put(None)
                     thread.join()
                 if self.state is None:  # built while the last copies are still running
@@ -397,6 +410,7 @@ class GpuLoad:
             self._finish(e)
             raise
         self.seconds = time.perf_counter() - t0
+        self._mark("verified")
         self._finish(None)
         return self.state
 
