@@ -195,7 +195,8 @@ def bench_ttft(name: str, model_bytes: int, results: dict[str, Any], pipelined: 
                 results[f"load_{mode}_{tier}_{kind}_s"] = loaded["load_seconds"]
                 print(f"  TTFT through HTTP, {mode}, from {tier}, {kind} prompt: "
                       f"{seconds:.3f} s (loaded from {loaded['tier']} in "
-                      f"{loaded['load_seconds']:.3f} s)", flush=True)
+                      f"{loaded['load_seconds']:.3f} s; load stages {loaded.get('load_stages')})",
+                      flush=True)
                 filling = tier == "disk" and torch.cuda.is_available()
                 while filling and not any(m["name"] == name and m["ready"]
                                           for m in c.call("status")["dram"]["models"]):

@@ -62,6 +62,10 @@ class ServingMixin:
         if os.environ.get("SLLMCTL_LAYER_PIPELINE", "1") == "0" and e.loading is not None:
             e.loading.result()  # for comparison: load everything, then compute
         if e.loading is not None and not e.loading.done:
+            if e.loaded_from == "dram":
+                # copies from pinned memory are queued in milliseconds: let that finish
+                # before building the model, which holds the GIL for a while
+                e.loading.wait_queued()
             chat = ChatModel.from_loading(name, e.loading)
         else:
             if e.loading is not None:

@@ -137,5 +137,6 @@ class ModelHost:
         with self.lock:
             return [{"name": s.name, "tier": s.tier, "load_seconds": round(s.load_seconds, 4),
                      "keep_alive": s.keep_alive, "active": s.active, "requests": s.requests,
-                     "last_used": s.last_used}
+                     "last_used": s.last_used,
+                     "load_stages": s.model.loading.timings if s.model.loading else {}}
                     for s in self.models.values()]

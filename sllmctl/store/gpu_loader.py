@@ -146,9 +146,18 @@ class GpuChecker:
 
     def check(self, expected: list[torch.Tensor]) -> None:
         """Raise CorruptCheckpoint naming the first chunk whose checksum differs."""
+        self.report(self.compare(expected))
+
+    def compare(self, expected: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per file, which chunks differ (on the GPU; nothing waits)."""
         import torch
 
-        bad = [torch.ne(r, e).any(dim=1) for r, e in zip(self.results, expected, strict=True)]
+        return [torch.ne(r, e).any(dim=1) for r, e in zip(self.results, expected, strict=True)]
+
+    def report(self, bad: list[torch.Tensor]) -> None:
+        """Wait for `compare`'s result; raise CorruptCheckpoint naming the first bad chunk."""
+        import torch
+
         flags = torch.stack([b.any() for b in bad]).cpu() if bad else None
         if flags is None or not bool(flags.any()):
             return
@@ -392,17 +401,24 @@ class GpuLoad:
                             self.sum_stream.wait_event(copied)
                             with torch.cuda.stream(self.sum_stream):
                                 self.checker.add(p.file, p.offset, dst)
+                    with self._cond:
+                        self._mark("queued")
+                        self._cond.notify_all()
+                    # while the last copies run: the views, the expected sums, and the
+                    # comparison queued behind the last checksums
+                    if self.state is None:
+                        files = range(len(self.buffers))
+                        self.state = tensor_views(self.model, [self._allocate(i) for i in files])
+                    self.sum_stream.wait_stream(self.copy_stream)
+                    with torch.cuda.stream(self.sum_stream):
+                        flags = (self.checker.compare(expected_sums(self.model, self.device))
+                                 if self.checker is not None else None)
                 finally:
-                    self._mark("queued")
                     recycle.put(None)
                     thread.join()
-                if self.state is None:  # built while the last copies are still running
-                    files = range(len(self.buffers))
-                    self.state = tensor_views(self.model, [self._allocate(i) for i in files])
-                self.sum_stream.wait_stream(self.copy_stream)
-                with torch.cuda.stream(self.sum_stream):
-                    if self.checker is not None:  # one synchronisation, at the end
-                        self.checker.check(expected_sums(self.model, self.device))
+                with torch.cuda.stream(self.sum_stream):  # the one synchronisation
+                    if self.checker is not None and flags is not None:
+                        self.checker.report(flags)
                     else:
                         self.sum_stream.synchronize()
         except BaseException as e:
@@ -449,6 +465,12 @@ class GpuLoad:
         stream = torch.cuda.current_stream(self.device)
         for e in events:
             stream.wait_event(e)
+
+    def wait_queued(self) -> None:
+        """Block until every copy has been queued (or the load has ended)."""
+        with self._cond:
+            while "queued" not in self.timings and not self._done:
+                self._cond.wait()
 
     @property
     def done(self) -> bool:
