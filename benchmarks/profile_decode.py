@@ -18,10 +18,7 @@ def main() -> int:
     ap.add_argument("name")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--kv-len", type=int, default=512)
-    ap.add_argument("--no-cudnn", action="store_true", help="keep cuDNN out of attention")
     args = ap.parse_args()
-    if args.no_cudnn:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     import sllmctl
     from sllmctl.engine.config import ModelConfig
     from sllmctl.engine.graphs import DecodeGraphs
