@@ -122,3 +122,30 @@ def test_pipelined_load_refuses_corrupt_weights(stored: str) -> None:
     with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
         chat.complete("w5 w6 w7", Params(max_tokens=4))
     chat.close()
+
+
+def test_triton_kernels_match_the_plain_path() -> None:
+    from sllmctl.engine import kernels
+
+    if not kernels.available():
+        pytest.skip("Triton is not installed")
+    model = tiny()
+    assert model.fused
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(3, 512, (2, 40), generator=g).cuda()
+    out = {}
+    with torch.inference_mode():
+        for fused in (True, False):
+            model.fused = fused
+            model.setup_cache(2, 128)
+            steps = [model(tokens[:, :30], torch.arange(30, device="cuda"), kv_len=64)]
+            for i in range(30, 40):
+                steps.append(model(tokens[:, i:i + 1], torch.tensor([i], device="cuda"),
+                                   kv_len=64))
+            out[fused] = torch.cat(steps, dim=1)
+            cache = (model.cache.k[3].clone(), model.cache.v[3].clone())  # type: ignore[union-attr]
+            out[f"cache{fused}"] = torch.cat(cache)
+    scale = out[False].abs().max()
+    assert (out[True] - out[False]).abs().max() < 0.02 * scale
+    assert (out[True].argmax(-1) == out[False].argmax(-1)).float().mean() > 0.95
+    assert (out["cacheTrue"] - out["cacheFalse"]).abs().max() < 0.02 * out["cacheFalse"].abs().max()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sllmctl.engine import kernels
 from sllmctl.engine.config import ModelConfig
 from sllmctl.errors import SllmError
 
@@ -164,9 +165,26 @@ class Attention(nn.Module):
         # [B, T, heads, dim] -> [B, kv_heads, group * T, dim]: each key/value head attends for
         # its group of query heads at once (the mask is repeated to match)
         q = q.transpose(1, 2).reshape(b, kv_heads, heads // kv_heads * t, dim)
+        return self._attend(q, k, v, mask)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        b, heads, dim = q.shape[0], self.heads, self.head_dim
+        t = q.shape[2] * self.kv_heads // heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.view(b, heads, t, dim).transpose(1, 2).reshape(b, t, heads * dim)
         return self.o_proj(y)
+
+    def fused_forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                      pos: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+        """The same, through the Triton kernels (fused q/k/v, no q/k norm)."""
+        assert self.qkv is not None
+        b, t, _ = x.shape
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        kc, vc = cache.k[self.layer], cache.v[self.layer]
+        q = kernels.rope_cache(F.linear(x, *self.qkv), rope[0], rope[1], pos, kc, vc,
+                               heads, kv_heads, dim)
+        q = q.transpose(1, 2).reshape(b, kv_heads, heads // kv_heads * t, dim)
+        return self._attend(q, kc[:b, :, :kv_len], vc[:b, :, :kv_len], mask)
 
 
 class MLP(nn.Module):
@@ -183,6 +201,10 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        assert self.gate_up is not None
+        return self.down_proj(kernels.silu_mul(F.linear(x, *self.gate_up)))
 
 
 class Block(nn.Module):
@@ -220,6 +242,7 @@ class Transformer(nn.Module):
         # cos, sin [max_len, head_dim] float32; sin's first half negated (see rotate)
         self.rope: tuple[Tensor, Tensor] | None = None
         self.gate: Callable[[int], None] | None = None
+        self.fused = False  # the Triton kernels apply (set by from_state_dict)
 
     @classmethod
     def from_state_dict(
@@ -252,6 +275,10 @@ class Transformer(nn.Module):
             a, m = block.self_attn, block.mlp
             a.qkv = _fused(a.q_proj, a.k_proj, a.v_proj)
             m.gate_up = _fused(m.gate_proj, m.up_proj)
+        model.fused = kernels.available() and not config.qk_norm and all(
+            b.self_attn.qkv is not None and b.mlp.gate_up is not None
+            for b in model.layers if isinstance(b, Block)) and (
+            config.head_dim & (config.head_dim - 1) == 0)
         return model.eval().requires_grad_(False)
 
     def setup_cache(
@@ -296,6 +323,8 @@ class Transformer(nn.Module):
             return add.masked_fill_(~mask, -torch.inf).unsqueeze(1).repeat(1, 1, group, 1)
 
         masks: dict[int | None, Tensor] = {None: fold(causal)}
+        if self.fused and x.is_cuda:
+            return self._fused_layers(x, masks, causal, kpos, pos, kv_len, last_only)
         for i, (block, window) in enumerate(zip(self.layers, self.windows, strict=True)):
             if window is not None and window not in masks:
                 masks[window] = fold(causal & (kpos > pos[..., None] - window))
@@ -307,6 +336,37 @@ class Transformer(nn.Module):
         if gate is not None:
             gate(len(self.layers))
         return self.lm_head(self.norm(x)).float()
+
+    def _fused_layers(self, x: Tensor, masks: dict[int | None, Tensor], causal: Tensor,
+                      kpos: Tensor, pos: Tensor, kv_len: int, last_only: bool) -> Tensor:
+        """forward's layers and head through the Triton kernels: each residual add is fused
+        into the norm that follows it."""
+        assert self.cache is not None and self.rope is not None
+        gate, group = self.gate, self.config.heads // self.config.kv_heads
+        residual: Tensor | None = None
+        for i, (block, window) in enumerate(zip(self.layers, self.windows, strict=True)):
+            assert isinstance(block, Block)
+            if window is not None and window not in masks:
+                near = causal & (kpos > pos[..., None] - window)
+                add = torch.zeros(near.shape, dtype=x.dtype, device=x.device)
+                masks[window] = add.masked_fill_(~near, -torch.inf).unsqueeze(1).repeat(
+                    1, 1, group, 1)
+            if gate is not None:
+                gate(i)
+            eps = block.input_layernorm.eps
+            residual, h = kernels.add_rmsnorm(x, residual, block.input_layernorm.weight, eps)
+            a = block.self_attn.fused_forward(h, self.rope, masks[window], pos, self.cache,
+                                              kv_len)
+            residual, h = kernels.add_rmsnorm(a, residual,
+                                              block.post_attention_layernorm.weight, eps)
+            x = block.mlp.fused_forward(h)
+        assert residual is not None
+        if last_only:
+            x, residual = x[:, -1:], residual[:, -1:]
+        if gate is not None:
+            gate(len(self.layers))
+        _, h = kernels.add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)
+        return self.lm_head(h).float()
 
 
 def _fused(*linears: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
