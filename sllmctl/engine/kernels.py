@@ -15,10 +15,7 @@ within float rounding (tests/test_engine_gpu.py). Used only where Triton imports
 present; SLLMCTL_TRITON=0 turns them off.
 """
 
-from __future__ import annotations
-
 import os
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,9 +34,9 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr: Any, r_ptr: Any, w_ptr: Any, h_ptr: Any, out_ptr: Any,
-                            n: Any, eps: Any, HAS_RES: tl.constexpr,
-                            BLOCK: tl.constexpr) -> None:
+    def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, out_ptr,
+                            n, eps, HAS_RES: tl.constexpr,
+                            BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -55,10 +52,10 @@ if triton is not None:
         tl.store(out_ptr + row * n + cols, y.to(x.dtype), mask=mask)
 
     @triton.jit
-    def _rope_cache_kernel(qkv_ptr: Any, cos_ptr: Any, sin_ptr: Any, pos_ptr: Any,
-                           q_ptr: Any, k_ptr: Any, v_ptr: Any, qkv_row: Any, t: Any,
-                           heads: Any, kv_heads: Any, cache_b: Any, cache_h: Any,
-                           D: tl.constexpr) -> None:
+    def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr,
+                           q_ptr, k_ptr, v_ptr, qkv_row, t,
+                           heads, kv_heads, cache_b, cache_h,
+                           D: tl.constexpr):
         m = tl.program_id(0).to(tl.int64)  # token row, b * t + i
         h = tl.program_id(1)  # q heads, then k heads, then v heads
         d = tl.arange(0, D)
@@ -80,7 +77,7 @@ if triton is not None:
             tl.store(v_ptr + b * cache_b + (h - heads - kv_heads) * cache_h + p * D + d, x)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr: Any, out_ptr: Any, n: Any, BLOCK: tl.constexpr) -> None:
+    def _silu_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n

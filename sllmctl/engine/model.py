@@ -176,13 +176,15 @@ class Attention(nn.Module):
 
     def fused_forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
                       pos: Tensor, cache: KVCache, kv_len: int) -> Tensor:
-        """The same, through the Triton kernels (fused q/k/v, no q/k norm)."""
-        assert self.qkv is not None
+        """The same, through the Triton kernels (no q/k norm)."""
         b, t, _ = x.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         kc, vc = cache.k[self.layer], cache.v[self.layer]
-        q = kernels.rope_cache(F.linear(x, *self.qkv), rope[0], rope[1], pos, kc, vc,
-                               heads, kv_heads, dim)
+        if self.qkv is not None:
+            qkv = F.linear(x, *self.qkv)
+        else:  # weights not back to back (e.g. split between two data files)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        q = kernels.rope_cache(qkv, rope[0], rope[1], pos, kc, vc, heads, kv_heads, dim)
         q = q.transpose(1, 2).reshape(b, kv_heads, heads // kv_heads * t, dim)
         return self._attend(q, kc[:b, :, :kv_len], vc[:b, :, :kv_len], mask)
 
@@ -203,8 +205,11 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def fused_forward(self, x: Tensor) -> Tensor:
-        assert self.gate_up is not None
-        return self.down_proj(kernels.silu_mul(F.linear(x, *self.gate_up)))
+        if self.gate_up is not None:
+            gate_up = F.linear(x, *self.gate_up)
+        else:
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(kernels.silu_mul(gate_up))
 
 
 class Block(nn.Module):
@@ -275,10 +280,8 @@ class Transformer(nn.Module):
             a, m = block.self_attn, block.mlp
             a.qkv = _fused(a.q_proj, a.k_proj, a.v_proj)
             m.gate_up = _fused(m.gate_proj, m.up_proj)
-        model.fused = kernels.available() and not config.qk_norm and all(
-            b.self_attn.qkv is not None and b.mlp.gate_up is not None
-            for b in model.layers if isinstance(b, Block)) and (
-            config.head_dim & (config.head_dim - 1) == 0)
+        model.fused = (kernels.available() and not config.qk_norm
+                       and config.head_dim & (config.head_dim - 1) == 0)
         return model.eval().requires_grad_(False)
 
     def setup_cache(
