@@ -171,7 +171,7 @@ class Attention(nn.Module):
         b, heads, dim = q.shape[0], self.heads, self.head_dim
         t = q.shape[2] * self.kv_heads // heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.view(b, heads, t, dim).transpose(1, 2).reshape(b, t, heads * dim)
+        y = y.reshape(b, heads, t, dim).transpose(1, 2).reshape(b, t, heads * dim)
         return self.o_proj(y)
 
     def fused_forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
