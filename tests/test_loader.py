@@ -19,7 +19,7 @@ def test_coalesce_merges_only_true_neighbours() -> None:
         (Piece(1, 16, 8), region[48:56]),  # a short last piece, still contiguous
         (Piece(1, 32, 8), region[56:64]),  # a gap in the file
     ]
-    out = coalesce(pieces)
+    out = list(coalesce(pieces))
     assert [(p.file, p.offset, p.length) for p, _ in out] == [
         (0, 0, 32), (0, 32, 16), (1, 0, 24), (1, 32, 8)]
     assert torch.equal(out[0][1], region[:32])

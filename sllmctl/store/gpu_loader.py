@@ -325,8 +325,10 @@ class GpuLoad:
             self.checker = GpuChecker(model, self.device) if verify else None
             self.sum_stream.wait_stream(torch.cuda.current_stream(self.device))  # zeroed sums
         self.state: dict[str, torch.Tensor] | None = None
-        if allocate_now:
-            self.state = tensor_views(model, [self._allocate(i) for i in range(len(files))])
+        self._views_lock = threading.Lock()
+        if allocate_now:  # the views are built once the copies are under way (start)
+            for i in range(len(files)):
+                self._allocate(i)
         self._mark("allocated")
         self._cond = threading.Condition()
         self._copied: list[list[tuple[int, int, torch.cuda.Event]]] = [[] for _ in files]
@@ -360,7 +362,17 @@ class GpuLoad:
 
         self._thread = threading.Thread(target=work, name="sllmctl-gpuload", daemon=True)
         self._thread.start()
+        if all(b is not None for b in self.buffers):
+            self._views()
         return self
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        """The tensor views over the file buffers (built once; allocates what is missing)."""
+        with self._views_lock:
+            if self.state is None:
+                files = range(len(self.buffers))
+                self.state = tensor_views(self.model, [self._allocate(i) for i in files])
+            return self.state
 
     def run(self, source: Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]
             ) -> dict[str, torch.Tensor]:
@@ -406,9 +418,7 @@ class GpuLoad:
                         self._cond.notify_all()
                     # while the last copies run: the views, the expected sums, and the
                     # comparison queued behind the last checksums
-                    if self.state is None:
-                        files = range(len(self.buffers))
-                        self.state = tensor_views(self.model, [self._allocate(i) for i in files])
+                    self._views()
                     self.sum_stream.wait_stream(self.copy_stream)
                     with torch.cuda.stream(self.sum_stream):
                         flags = (self.checker.compare(expected_sums(self.model, self.device))
@@ -428,7 +438,7 @@ class GpuLoad:
         self.seconds = time.perf_counter() - t0
         self._mark("verified")
         self._finish(None)
-        return self.state
+        return self._views()
 
     def _finish(self, error: BaseException | None) -> None:
         with self._cond:
@@ -577,26 +587,36 @@ def start_pinned_to_gpu(pinned: PinnedModel, device: Any, *, verify: bool = True
     return load.start(_pinned_source(pinned, copy_size))
 
 
-def coalesce(pieces: list[tuple[Piece, torch.Tensor]]) -> list[tuple[Piece, torch.Tensor]]:
+def coalesce(pieces: list[tuple[Piece, torch.Tensor]]) -> Iterator[tuple[Piece, torch.Tensor]]:
     """Merge neighbours that continue each other in the same file and the same host memory
-    (one storage, consecutive addresses) into single pieces."""
+    (one storage, consecutive addresses) into single pieces. A generator: the first merged
+    piece comes out (and can be copied) before the rest are looked at."""
     import torch
 
-    out: list[tuple[Piece, torch.Tensor]] = []
+    def merged(run: list[tuple[Piece, torch.Tensor]]) -> tuple[Piece, torch.Tensor]:
+        (first, buf), (last, _) = run[0], run[-1]
+        if len(run) == 1:
+            return first, buf
+        n = last.offset + last.length - first.offset
+        t = torch.empty(0, dtype=torch.uint8, device=buf.device)
+        t.set_(buf.untyped_storage(), buf.storage_offset(), (n,), (1,))
+        return Piece(first.file, first.offset, n), t
+
+    run: list[tuple[Piece, torch.Tensor]] = []
+    storage = end = 0
     for p, buf in pieces:
-        if out:
-            q, prev = out[-1]
-            joined = (q.file == p.file and q.offset + q.length == p.offset
-                      and prev.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
-                      and prev.data_ptr() + q.length == buf.data_ptr())
-            if joined:
-                merged = torch.empty(0, dtype=torch.uint8, device=buf.device)
-                merged.set_(prev.untyped_storage(), prev.storage_offset(),
-                            (q.length + p.length,), (1,))
-                out[-1] = (Piece(q.file, q.offset, q.length + p.length), merged)
+        here = buf.untyped_storage().data_ptr()
+        if run:
+            q = run[-1][0]
+            if (q.file == p.file and q.offset + q.length == p.offset and here == storage
+                    and buf.data_ptr() == end):
+                run.append((p, buf))
+                end += p.length
                 continue
-        out.append((p, buf))
-    return out
+            yield merged(run)
+        run, storage, end = [(p, buf)], here, buf.data_ptr() + p.length
+    if run:
+        yield merged(run)
 
 
 def _pinned_source(pinned: PinnedModel, copy_size: int
