@@ -132,13 +132,21 @@ class Daemon(ServingMixin):
             self.ready.set()
         if self.bandwidth is None and self.init_error is None:
             self._measure()
+        self._use_bandwidth()
 
     def _measure(self) -> dict[str, Any]:
         data = measure(paths.models_dir(), self.gpu.count if self.gpu else 0,
                        self.measure_bytes)
         self.bandwidth = data
         save(self.bandwidth_file, data)
+        self._use_bandwidth()
         return data
+
+    def _use_bandwidth(self) -> None:
+        """The DRAM tier weighs reload cost by the disk's measured read rate."""
+        rate = ((self.bandwidth or {}).get("disk") or {}).get("GBps")
+        if self.dram is not None and isinstance(rate, int | float) and rate > 0:
+            self.dram.reload_rate = rate * 1e9
 
     def _tiers(self) -> None:
         self.ready.wait()
