@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from sllmctl.store.gpu_loader import Piece, _covering, coalesce
+from sllmctl.store.gpu_copy import Piece, _covering
+from sllmctl.store.gpu_loader import coalesce
 
 
 def test_coalesce_merges_only_true_neighbours() -> None:

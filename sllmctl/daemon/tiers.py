@@ -38,9 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from sllmctl.errors import CorruptCheckpoint, SllmError
 from sllmctl.store.format import ALIGNMENT
+from sllmctl.store.gpu_copy import GpuLoad, Piece
 from sllmctl.store.gpu_loader import (
-    GpuLoad,
-    Piece,
     PinnedModel,
     PinnedPool,
     start_load_to_gpu,

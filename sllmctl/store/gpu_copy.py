@@ -1,0 +1,331 @@
+"""Copies to one GPU: the part of the GPU loader after the bytes are in pinned host memory.
+
+`GpuLoad` copies pieces of a model's data files into one GPU allocation per file on a copy
+stream, checksums each piece on a second stream once it has landed (`GpuChecker`: sum64x2 is
+two integer reductions), and compares every chunk with the manifest with one synchronisation
+at the end. Run in the caller's thread or in the background; in the background it hands out
+the tensor views at once and says, per byte range, when the copies are queued and which
+events to wait for (the layer-pipelined cold start uses this). Where the pieces come from
+(disk, page cache, the DRAM tier) is gpu_loader.py's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sllmctl.errors import CorruptCheckpoint
+from sllmctl.store.format import ALIGNMENT, PAGE_WORDS
+from sllmctl.store.reader import reconvert_hint, tensor_views
+from sllmctl.store.store import StoredModel
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Piece:
+    file: int
+    offset: int
+    length: int
+
+
+
+# ---------------------------------------------------------------- checksums on the GPU
+
+def _signed(hex16: str) -> int:
+    v = int(hex16, 16)
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def expected_sums(model: StoredModel, device: Any) -> list[torch.Tensor]:
+    """Each file's manifest checksums as an int64 tensor [chunks, 2] on `device`."""
+    import torch
+
+    out = []
+    for f in model.manifest.files:
+        rows = [(_signed(c[:16]), _signed(c[16:])) for c in f.checksums]
+        out.append(torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).to(device))
+    return out
+
+
+class GpuChecker:
+    """sum64x2 of chunks already on the GPU, written into per-file result tensors."""
+
+    def __init__(self, model: StoredModel, device: Any) -> None:
+        import torch
+
+        self.model = model
+        self.chunk = model.manifest.chunk_size
+        self.pages_per_chunk = self.chunk // ALIGNMENT
+        self.weights = torch.arange(1, self.pages_per_chunk + 1, dtype=torch.int64,
+                                    device=device)
+        self.results = [torch.zeros(len(f.checksums), 2, dtype=torch.int64, device=device)
+                        for f in model.manifest.files]
+
+    def add(self, file: int, offset: int, data: torch.Tensor) -> None:
+        """Checksum `data`: bytes of `file` from `offset`, whole chunks (the file's last
+        chunk may be short)."""
+        import torch
+
+        end = offset + data.numel()
+        ragged = end % self.chunk and end != self.model.manifest.files[file].size
+        if offset % self.chunk or ragged:
+            raise ValueError("GPU checksums need whole chunks")
+
+        pages = data.view(torch.int64).view(-1, PAGE_WORDS).sum(dim=1)
+        first = offset // self.chunk
+        full = pages.numel() // self.pages_per_chunk
+        out = self.results[file]
+        if full:
+            p = pages[: full * self.pages_per_chunk].view(full, self.pages_per_chunk)
+            out[first:first + full, 0] = p.sum(dim=1)
+            out[first:first + full, 1] = (p * self.weights).sum(dim=1)
+        rest = pages[full * self.pages_per_chunk:]
+        if rest.numel():
+            out[first + full, 0] = rest.sum()
+            out[first + full, 1] = (rest * self.weights[: rest.numel()]).sum()
+
+    def compare(self, expected: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per file, which chunks differ (on the GPU; nothing waits)."""
+        import torch
+
+        return [torch.ne(r, e).any(dim=1) for r, e in zip(self.results, expected, strict=True)]
+
+    def report(self, bad: list[torch.Tensor]) -> None:
+        """Wait for `compare`'s result; raise CorruptCheckpoint naming the first bad chunk."""
+        import torch
+
+        flags = torch.stack([b.any() for b in bad]).cpu() if bad else None
+        if flags is None or not bool(flags.any()):
+            return
+        file = int(flags.nonzero()[0])
+        chunk = int(bad[file].nonzero()[0])
+        f = self.model.manifest.files[file]
+        end = min((chunk + 1) * self.chunk, f.size)
+        raise CorruptCheckpoint(
+            f"model {self.model.name}: data file {f.path} chunk {chunk} "
+            f"(bytes {chunk * self.chunk}-{end}) fails its checksum",
+            hint=reconvert_hint(self.model),
+        )
+
+
+# ---------------------------------------------------------------- the copy pipeline
+
+class GpuLoad:
+    """A model on its way to one GPU: an allocation per data file, pieces copied on a copy
+    stream and checksummed on a second one, one comparison with the manifest at the end.
+
+    Run in the caller's thread (`run`) or in the background (`start`). In the background, the
+    tensor views exist from the start (`state`, over memory still being filled), so that a
+    model can be built at once and compute on the weights that have arrived: `wait_range`
+    blocks until a byte range has been queued for copying and makes the current stream wait
+    for those copies; `result` waits for the whole load and its verification."""
+
+    def __init__(self, model: StoredModel, device: Any, verify: bool = True,
+                 allocate_now: bool = False) -> None:
+        import time
+
+        import torch
+
+        self._t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}  # seconds from creation to each stage
+        self.model, self.device, self.verify = model, torch.device(device), verify
+        files = model.manifest.files
+        self.buffers: list[torch.Tensor | None] = [None] * len(files)
+        with torch.cuda.device(self.device):
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.sum_stream = torch.cuda.Stream(self.device)
+            self.checker = GpuChecker(model, self.device) if verify else None
+            self.sum_stream.wait_stream(torch.cuda.current_stream(self.device))  # zeroed sums
+        self.state: dict[str, torch.Tensor] | None = None
+        self._views_lock = threading.Lock()
+        if allocate_now:  # the views are built once the copies are under way (start)
+            for i in range(len(files)):
+                self._allocate(i)
+        self._mark("allocated")
+        self._cond = threading.Condition()
+        self._copied: list[list[tuple[int, int, torch.cuda.Event]]] = [[] for _ in files]
+        self._error: BaseException | None = None
+        self._done = False
+        self.seconds = 0.0
+        self._thread: threading.Thread | None = None
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
+
+    def _mark(self, stage: str) -> None:
+        import time
+
+        self.timings[stage] = round(time.perf_counter() - self._t0, 4)
+
+    def _allocate(self, i: int) -> torch.Tensor:
+        import torch
+
+        t = self.buffers[i]
+        if t is None:
+            t = torch.empty(self.model.manifest.files[i].size, dtype=torch.uint8,
+                            device=self.device)
+            self.buffers[i] = t
+        return t
+
+    def start(self, source: Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]
+              ) -> GpuLoad:
+        """Run the load in a background thread."""
+        def work() -> None:
+            with contextlib.suppress(BaseException):  # recorded: result() raises it
+                self.run(source)
+
+        self._thread = threading.Thread(target=work, name="sllmctl-gpuload", daemon=True)
+        self._thread.start()
+        if all(b is not None for b in self.buffers):
+            self._views()
+        return self
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        """The tensor views over the file buffers (built once; allocates what is missing)."""
+        with self._views_lock:
+            if self.state is None:
+                files = range(len(self.buffers))
+                self.state = tensor_views(self.model, [self._allocate(i) for i in files])
+            return self.state
+
+    def run(self, source: Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]
+            ) -> dict[str, torch.Tensor]:
+        """Copy every piece the source yields, check the sums, return the tensor views."""
+        import time
+
+        import torch
+
+        t0 = time.perf_counter()
+        recycle: queue.Queue[Any] = queue.Queue()
+
+        def recycler() -> None:
+            while (item := recycle.get()) is not None:
+                event, release = item
+                event.synchronize()
+                release()
+
+        thread = threading.Thread(target=recycler, name="sllmctl-recycle", daemon=True)
+        thread.start()
+        try:
+            with torch.cuda.device(self.device):
+                try:
+                    for p, buf, release in source:
+                        # allocated when its first piece arrives, so that it overlaps the
+                        # copies of the files before it
+                        dst = self._allocate(p.file)[p.offset:p.offset + p.length]
+                        with torch.cuda.stream(self.copy_stream):
+                            dst.copy_(buf[: p.length], non_blocking=True)
+                            copied = torch.cuda.Event()
+                            copied.record(self.copy_stream)
+                        recycle.put((copied, release))
+                        if "first_copy" not in self.timings:
+                            self._mark("first_copy")
+                        with self._cond:
+                            self._copied[p.file].append((p.offset, p.offset + p.length, copied))
+                            self._cond.notify_all()
+                        if self.checker is not None:
+                            self.sum_stream.wait_event(copied)
+                            with torch.cuda.stream(self.sum_stream):
+                                self.checker.add(p.file, p.offset, dst)
+                    with self._cond:
+                        self._mark("queued")
+                        self._cond.notify_all()
+                    # while the last copies run: the views, the expected sums, and the
+                    # comparison queued behind the last checksums
+                    self._views()
+                    self.sum_stream.wait_stream(self.copy_stream)
+                    with torch.cuda.stream(self.sum_stream):
+                        flags = (self.checker.compare(expected_sums(self.model, self.device))
+                                 if self.checker is not None else None)
+                finally:
+                    recycle.put(None)
+                    thread.join()
+                with torch.cuda.stream(self.sum_stream):  # the one synchronisation
+                    if self.checker is not None and flags is not None:
+                        self.checker.report(flags)
+                    else:
+                        self.sum_stream.synchronize()
+        except BaseException as e:
+            self.copy_stream.synchronize()  # nothing may still write the memory we give up
+            self._finish(e)
+            raise
+        self.seconds = time.perf_counter() - t0
+        self._mark("verified")
+        self._finish(None)
+        return self._views()
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._cond:
+            self._error, self._done = error, True
+            self._cond.notify_all()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(error)
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call fn(error or None) when the load ends (now, if it has)."""
+        with self._cond:
+            if not self._done:
+                self._callbacks.append(fn)
+                return
+            error = self._error
+        fn(error)
+
+    def wait_range(self, file: int, start: int, end: int) -> None:
+        """Block until bytes [start, end) of data file `file` are queued for copying, then
+        make the current stream wait for those copies (not for the whole load)."""
+        import torch
+
+        with self._cond:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                events = _covering(self._copied[file], start, end)
+                if events is not None:
+                    break
+                if self._done:
+                    raise RuntimeError(f"bytes {start}-{end} of data file {file} never came")
+                self._cond.wait()
+        stream = torch.cuda.current_stream(self.device)
+        for e in events:
+            stream.wait_event(e)
+
+    def wait_queued(self) -> None:
+        """Block until every copy has been queued (or the load has ended)."""
+        with self._cond:
+            while "queued" not in self.timings and not self._done:
+                self._cond.wait()
+
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return self._done
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Wait for the whole load; raise its error (a failed checksum, a short file)."""
+        with self._cond:
+            while not self._done:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+        assert self.state is not None
+        return self.state
+
+
+def _covering(copied: list[tuple[int, int, Any]], start: int, end: int) -> list[Any] | None:
+    """The events of the copies that cover [start, end), or None if a gap remains."""
+    events, at = [], start
+    for lo, hi, event in sorted(copied, key=lambda c: c[0]):
+        if hi <= at or lo >= end:
+            continue
+        if lo > at:
+            return None
+        events.append(event)
+        at = hi
+        if at >= end:
+            break
+    return events if at >= end else None
