@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sllmctl.engine import ModelConfig, Transformer, generate, sample
-from sllmctl.engine.model import rope_frequencies
+from sllmctl.engine.rope import rope_frequencies
 from sllmctl.errors import SllmError
 
 transformers = pytest.importorskip("transformers")

@@ -116,7 +116,8 @@ class Daemon(ServingMixin):
         try:
             import torch
 
-            from sllmctl.daemon.tiers import DramTier, GpuTier, parse_size, total_ram
+            from sllmctl.daemon.gpu_tier import GpuTier
+            from sllmctl.daemon.tiers import DramTier, parse_size, total_ram
 
             self.gpu = GpuTier()
             for d in range(self.gpu.count):  # create each CUDA context now, not in `status`

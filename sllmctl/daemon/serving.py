@@ -82,7 +82,7 @@ class ServingMixin:
                 chat.loading.add_done_callback(fill_dram)
             else:
                 fill_dram(None)
-        chat.start_batching(slots=self._slots(model))
+        chat.start_batching(slots=self._slots(chat.model.config, model.manifest.total_bytes))
         return chat, tier
 
     def _fill_dram(self, model: Any) -> None:
@@ -92,16 +92,12 @@ class ServingMixin:
             log.warning("could not keep %s in the DRAM tier: %s", model.name, e)
 
     @staticmethod
-    def _slots(model: Any) -> int:
+    def _slots(c: Any, model_bytes: int) -> int:
         """Concurrent requests per model: up to 32 (decode is bound by reading the weights, so
         more rows cost little) while their KV cache stays within the model's own size, and at
         least 8."""
-        from sllmctl.engine.config import ModelConfig
-        from sllmctl.store.store import Store
-
-        c = ModelConfig.from_dir(Store().path(model.name) / "files")
         per_slot = 2 * c.layers * c.kv_heads * c.head_dim * 2 * min(2048, c.max_position_embeddings)
-        return max(8, min(32, model.manifest.total_bytes // max(1, per_slot)))
+        return max(8, min(32, model_bytes // max(1, per_slot)))
 
     def _start_http(self, host: str, port: int, api_key: str | None) -> str:
         from sllmctl.daemon import http

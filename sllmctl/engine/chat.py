@@ -81,13 +81,10 @@ class ChatModel:
         """Build on a GPU load still in flight: requests start computing on the layers that
         have arrived (sllmctl.engine.coldstart)."""
         from sllmctl.engine.coldstart import LayerGate
-        from sllmctl.store.store import Store
 
-        files = Store().path(name) / "files"
         assert load.state is not None, "start the load with its views allocated"
-        model = Transformer.from_state_dict(ModelConfig.from_dir(files), load.state)
-        model.gate = LayerGate(load, model)
-        chat = cls(name, model, Tokenizer.from_folder(files), 0.0)
+        chat = cls.from_state(name, load.state, load.device)
+        chat.model.gate = LayerGate(load, chat.model)
         chat.loading = load
 
         def loaded(error: BaseException | None) -> None:

@@ -19,7 +19,6 @@ weights of that layer and no later ones.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,56 +28,8 @@ from torch import Tensor, nn
 
 from sllmctl.engine import kernels
 from sllmctl.engine.config import ModelConfig
+from sllmctl.engine.rope import rope_frequencies
 from sllmctl.errors import SllmError
-
-
-def rope_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
-    """Inverse frequencies [head_dim/2] (float32, CPU) and the cos/sin scale, computed exactly
-    as transformers' ROPE_INIT_FUNCTIONS do."""
-    dim, base, s = config.head_dim, config.rope_theta, config.rope_scaling or {}
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    kind = s.get("rope_type")
-    if kind == "linear":
-        return inv_freq / s["factor"], 1.0
-    if kind == "llama3":
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
-        smooth = (old / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
-        return torch.where(medium, smoothed, scaled), 1.0
-    if kind == "yarn":
-        return _yarn(s, dim, base)
-    return inv_freq, 1.0
-
-
-def _yarn(s: dict[str, Any], dim: int, base: float) -> tuple[Tensor, float]:
-    factor, original = s["factor"], s["original_max_position_embeddings"]
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention = s.get("attention_factor")
-    if attention is None:
-        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
-        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
-
-    def correction(rotations: float) -> float:
-        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction(s.get("beta_fast") or 32), correction(s.get("beta_slow") or 1)
-    if s.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
-    extrapolation = 1 - ramp
-    inv_freq = (1 / (factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
-    return inv_freq, float(attention)
 
 
 class KVCache:
@@ -319,18 +270,12 @@ class Transformer(nn.Module):
         rows = torch.arange(b, device=pos.device)[:, None]
         kpos = torch.arange(kv_len, device=pos.device)
         causal = kpos <= pos[..., None]  # [B, T, kv_len]: True where attending
-        group = self.config.heads // self.config.kv_heads
-
-        def fold(mask: Tensor) -> Tensor:  # [B, T, L] -> additive [B, 1, group * T, L]
-            add = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-            return add.masked_fill_(~mask, -torch.inf).unsqueeze(1).repeat(1, 1, group, 1)
-
-        masks: dict[int | None, Tensor] = {None: fold(causal)}
+        masks: dict[int | None, Tensor] = {None: self._fold(causal, x.dtype)}
         if self.fused and x.is_cuda:
             return self._fused_layers(x, masks, causal, kpos, pos, kv_len, last_only)
         for i, (block, window) in enumerate(zip(self.layers, self.windows, strict=True)):
             if window is not None and window not in masks:
-                masks[window] = fold(causal & (kpos > pos[..., None] - window))
+                masks[window] = self._fold(causal & (kpos > pos[..., None] - window), x.dtype)
             if gate is not None:
                 gate(i)
             x = block(x, cos, sin, masks[window], rows, pos, self.cache, kv_len)
@@ -340,20 +285,24 @@ class Transformer(nn.Module):
             gate(len(self.layers))
         return self.lm_head(self.norm(x)).float()
 
+    def _fold(self, attend: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B, T, L] True where attending -> additive mask [B, 1, group * T, L] (see
+        Attention: each key/value head's query heads are folded into the query length)."""
+        group = self.config.heads // self.config.kv_heads
+        add = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
+        return add.masked_fill_(~attend, -torch.inf).unsqueeze(1).repeat(1, 1, group, 1)
+
     def _fused_layers(self, x: Tensor, masks: dict[int | None, Tensor], causal: Tensor,
                       kpos: Tensor, pos: Tensor, kv_len: int, last_only: bool) -> Tensor:
         """forward's layers and head through the Triton kernels: each residual add is fused
         into the norm that follows it."""
         assert self.cache is not None and self.rope is not None
-        gate, group = self.gate, self.config.heads // self.config.kv_heads
+        gate = self.gate
         residual: Tensor | None = None
         for i, (block, window) in enumerate(zip(self.layers, self.windows, strict=True)):
             assert isinstance(block, Block)
             if window is not None and window not in masks:
-                near = causal & (kpos > pos[..., None] - window)
-                add = torch.zeros(near.shape, dtype=x.dtype, device=x.device)
-                masks[window] = add.masked_fill_(~near, -torch.inf).unsqueeze(1).repeat(
-                    1, 1, group, 1)
+                masks[window] = self._fold(causal & (kpos > pos[..., None] - window), x.dtype)
             if gate is not None:
                 gate(i)
             eps = block.input_layernorm.eps

@@ -134,7 +134,7 @@ class GpuLoad:
 
         self._t0 = time.perf_counter()
         self.timings: dict[str, float] = {}  # seconds from creation to each stage
-        self.model, self.device, self.verify = model, torch.device(device), verify
+        self.model, self.device = model, torch.device(device)
         files = model.manifest.files
         self.buffers: list[torch.Tensor | None] = [None] * len(files)
         with torch.cuda.device(self.device):
@@ -153,7 +153,6 @@ class GpuLoad:
         self._error: BaseException | None = None
         self._done = False
         self.seconds = 0.0
-        self._thread: threading.Thread | None = None
         self._callbacks: list[Callable[[BaseException | None], None]] = []
 
     def _mark(self, stage: str) -> None:
@@ -178,8 +177,7 @@ class GpuLoad:
             with contextlib.suppress(BaseException):  # recorded: result() raises it
                 self.run(source)
 
-        self._thread = threading.Thread(target=work, name="sllmctl-gpuload", daemon=True)
-        self._thread.start()
+        threading.Thread(target=work, name="sllmctl-gpuload", daemon=True).start()
         if all(b is not None for b in self.buffers):
             self._views()
         return self
