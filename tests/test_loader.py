@@ -3,10 +3,13 @@ copies, and knowing when a byte range has been queued."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 
 from sllmctl.store.gpu_copy import Piece, _covering
-from sllmctl.store.gpu_loader import coalesce
+from sllmctl.store.gpu_loader import PinnedModel, _pinned_source, coalesce
 
 
 def test_coalesce_merges_only_true_neighbours() -> None:
@@ -36,3 +39,17 @@ def test_covering_needs_every_byte() -> None:
     copied.append((128, 192, "c"))
     assert _covering(copied, 100, 200) == ["b", "c", "d"]
     assert _covering(copied, 0, 300) is None
+
+
+def test_pinned_copies_taper_at_the_end() -> None:
+    chunk = 16
+    model: Any = SimpleNamespace(manifest=SimpleNamespace(chunk_size=chunk))
+    a, b = torch.arange(256, dtype=torch.uint8), torch.arange(100, dtype=torch.uint8)
+    pinned = PinnedModel(model, [(Piece(0, 0, 256), a), (Piece(1, 0, 100), b)])
+    out = [(p.file, p.offset, p.length) for p, _, _ in
+           _pinned_source(pinned, copy_size=128, tail=32)]
+    # 128-byte copies while more than 128 bytes are left, then 32-byte ones; a copy never
+    # crosses a file, and every byte is copied once
+    assert out == [(0, 0, 128), (0, 128, 128),
+                   (1, 0, 32), (1, 32, 32), (1, 64, 32), (1, 96, 4)]
+    assert sum(n for _, _, n in out) == pinned.nbytes

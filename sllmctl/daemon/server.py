@@ -118,10 +118,12 @@ class Daemon(ServingMixin):
 
             from sllmctl.daemon.gpu_tier import GpuTier
             from sllmctl.daemon.tiers import DramTier, parse_size, total_ram
+            from sllmctl.store.gpu_copy import warm_up
 
             self.gpu = GpuTier()
-            for d in range(self.gpu.count):  # create each CUDA context now, not in `status`
-                torch.cuda.mem_get_info(d)
+            for d in range(self.gpu.count):  # each CUDA context now, not in `status`, and the
+                torch.cuda.mem_get_info(d)  # loader's kernels, not in the first load
+                warm_up(d)
             pinned = torch.cuda.is_available()
             self.dram = DramTier(parse_size(self.dram_pool, total_ram()), pinned)
             log.info("tiers ready: DRAM pool %.2f GB (pinned: %s), %d GPU(s)",

@@ -43,14 +43,46 @@ def _signed(hex16: str) -> int:
 
 
 def expected_sums(model: StoredModel, device: Any) -> list[torch.Tensor]:
-    """Each file's manifest checksums as an int64 tensor [chunks, 2] on `device`."""
+    """Each file's manifest checksums as an int64 tensor [chunks, 2] on `device`. The copy is
+    queued from pinned memory, so it never blocks the caller (a copy from pageable memory
+    would wait for every copy queued before it)."""
     import torch
 
     out = []
     for f in model.manifest.files:
         rows = [(_signed(c[:16]), _signed(c[16:])) for c in f.checksums]
-        out.append(torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).to(device))
+        t = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+        out.append(t.pin_memory().to(device, non_blocking=True))
     return out
+
+
+def _page_sums(data: torch.Tensor) -> torch.Tensor:
+    """Sum of each 4 KiB page of `data` (whole pages) as 64-bit words, wrapping."""
+    import torch
+
+    return data.view(torch.int64).view(-1, PAGE_WORDS).sum(dim=1)
+
+
+def warm_up(device: Any) -> None:
+    """Run the loader's kernels once on `device`: CUDA loads a kernel's code on its first use,
+    which would otherwise cost the first load tens of milliseconds."""
+    import torch
+
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            host = torch.zeros(4 * ALIGNMENT, dtype=torch.uint8).pin_memory()
+            data = torch.empty_like(host, device=device).copy_(host, non_blocking=True)
+            pages = _page_sums(data).view(2, 2)
+            weights = torch.arange(1, 3, dtype=torch.int64, device=device)
+            out = torch.zeros(2, 2, dtype=torch.int64, device=device)
+            out[:, 0] = pages.sum(dim=1)
+            out[:, 1] = (pages * weights).sum(dim=1)
+            out[1, 0] = pages[1].sum()
+            bad = torch.ne(out, out).any(dim=1)
+            torch.stack([bad.any()]).cpu()
+        stream.synchronize()
 
 
 class GpuChecker:
@@ -70,14 +102,13 @@ class GpuChecker:
     def add(self, file: int, offset: int, data: torch.Tensor) -> None:
         """Checksum `data`: bytes of `file` from `offset`, whole chunks (the file's last
         chunk may be short)."""
-        import torch
 
         end = offset + data.numel()
         ragged = end % self.chunk and end != self.model.manifest.files[file].size
         if offset % self.chunk or ragged:
             raise ValueError("GPU checksums need whole chunks")
 
-        pages = data.view(torch.int64).view(-1, PAGE_WORDS).sum(dim=1)
+        pages = _page_sums(data)
         first = offset // self.chunk
         full = pages.numel() // self.pages_per_chunk
         out = self.results[file]
@@ -133,7 +164,9 @@ class GpuLoad:
         import torch
 
         self._t0 = time.perf_counter()
-        self.timings: dict[str, float] = {}  # seconds from creation to each stage
+        # seconds from creation to each host stage; gpu_copies (first copy's start to the last
+        # copy's end) and gpu_tail (last copy's end to the checksums compared), device time
+        self.timings: dict[str, float] = {}
         self.model, self.device = model, torch.device(device)
         files = model.manifest.files
         self.buffers: list[torch.Tensor | None] = [None] * len(files)
@@ -208,6 +241,9 @@ class GpuLoad:
 
         thread = threading.Thread(target=recycler, name="sllmctl-recycle", daemon=True)
         thread.start()
+        first = torch.cuda.Event(enable_timing=True)
+        last = torch.cuda.Event(enable_timing=True)
+        verified = torch.cuda.Event(enable_timing=True)
         try:
             with torch.cuda.device(self.device):
                 try:
@@ -216,6 +252,8 @@ class GpuLoad:
                         # copies of the files before it
                         dst = self._allocate(p.file)[p.offset:p.offset + p.length]
                         with torch.cuda.stream(self.copy_stream):
+                            if "first_copy" not in self.timings:
+                                first.record(self.copy_stream)
                             dst.copy_(buf[: p.length], non_blocking=True)
                             copied = torch.cuda.Event()
                             copied.record(self.copy_stream)
@@ -229,6 +267,7 @@ class GpuLoad:
                             self.sum_stream.wait_event(copied)
                             with torch.cuda.stream(self.sum_stream):
                                 self.checker.add(p.file, p.offset, dst)
+                    last.record(self.copy_stream)
                     with self._cond:
                         self._mark("queued")
                         self._cond.notify_all()
@@ -239,6 +278,7 @@ class GpuLoad:
                     with torch.cuda.stream(self.sum_stream):
                         flags = (self.checker.compare(expected_sums(self.model, self.device))
                                  if self.checker is not None else None)
+                        verified.record(self.sum_stream)
                 finally:
                     recycle.put(None)
                     thread.join()
@@ -253,6 +293,9 @@ class GpuLoad:
             raise
         self.seconds = time.perf_counter() - t0
         self._mark("verified")
+        if "first_copy" in self.timings:
+            self.timings["gpu_copies"] = round(first.elapsed_time(last) / 1e3, 4)
+            self.timings["gpu_tail"] = round(last.elapsed_time(verified) / 1e3, 4)
         self._finish(None)
         return self._views()
 

@@ -312,14 +312,22 @@ def coalesce(pieces: list[tuple[Piece, torch.Tensor]]) -> Iterator[tuple[Piece, 
         yield merged(run)
 
 
-def _pinned_source(pinned: PinnedModel, copy_size: int
+def _pinned_source(pinned: PinnedModel, copy_size: int, tail: int | None = None
                    ) -> Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]:
+    """Copies of about `copy_size`, whole chunks each; the last `copy_size` bytes of the load
+    go as copies of `tail` bytes (default: a sixteenth), so that little is left to checksum
+    once the last copy lands."""
     chunk = pinned.model.manifest.chunk_size
     copy_size = -(-copy_size // chunk) * chunk
+    tail = -(-(tail or copy_size // 16) // chunk) * chunk
+    left = pinned.nbytes
     for p, buf in coalesce(pinned.pieces):
-        for off in range(0, p.length, copy_size):
-            n = min(copy_size, p.length - off)
+        off = 0
+        while off < p.length:
+            n = min(copy_size if left > copy_size else tail, p.length - off)
             yield Piece(p.file, p.offset + off, n), buf[off:off + n], _keep
+            off += n
+            left -= n
 
 
 def _keep() -> None:
