@@ -24,7 +24,7 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +34,7 @@ import numpy as np
 
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store.format import ALIGNMENT
-from sllmctl.store.gpu_copy import GpuLoad, Piece
+from sllmctl.store.gpu_copy import GpuLoad, Piece, Source
 from sllmctl.store.reader import open_data, reconvert_hint
 from sllmctl.store.store import StoredModel
 
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     import torch
 
 PIECE = 64 << 20  # bytes per read and per copy; a multiple of the checksum chunk
-POOL_BUFFERS = 16
-READERS = 8  # pieces read at once
+POOL_BUFFERS = 24  # pinned buffers: READERS being read, the rest on their way to the GPU
+READERS = 16  # pieces read at once (benchmarks/disk_sweep.py: 16 beat 4 and 8 on the H100's disk)
 READ_THREADS = 8  # threads (outstanding preads) per piece read from disk
 CACHED_READ_THREADS = 2  # per piece read from the page cache (a memory copy; more contend)
 READ_PIECE = 4 << 20  # bytes per pread
@@ -154,7 +154,7 @@ def _is_direct(fd: int) -> bool:
 
 def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct: bool | None,
                  readers: int, read_threads: int
-                 ) -> Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]:
+                 ) -> Source:
     """Yield (piece, pinned buffer holding it, release) as reads complete, in any order."""
     from sllmctl import native
 
@@ -313,7 +313,7 @@ def coalesce(pieces: list[tuple[Piece, torch.Tensor]]) -> Iterator[tuple[Piece, 
 
 
 def _pinned_source(pinned: PinnedModel, copy_size: int, tail: int | None = None
-                   ) -> Iterator[tuple[Piece, torch.Tensor, Callable[[], None]]]:
+                   ) -> Source:
     """Copies of about `copy_size`, whole chunks each; the last `copy_size` bytes of the load
     go as copies of `tail` bytes (default: a sixteenth), so that little is left to checksum
     once the last copy lands."""
@@ -325,10 +325,7 @@ def _pinned_source(pinned: PinnedModel, copy_size: int, tail: int | None = None
         off = 0
         while off < p.length:
             n = min(copy_size if left > copy_size else tail, p.length - off)
-            yield Piece(p.file, p.offset + off, n), buf[off:off + n], _keep
+            yield Piece(p.file, p.offset + off, n), buf[off:off + n], None
             off += n
             left -= n
 
-
-def _keep() -> None:
-    return None
