@@ -24,9 +24,10 @@ from load import GB, drop_caches, generate, save_results
 
 PIECE = 64 << 20
 # (pieces read at once, threads per piece, bytes per pread, O_DIRECT)
-SETTINGS = [(8, 8, 4 << 20, True), (4, 8, 4 << 20, True), (16, 8, 4 << 20, True),
-            (8, 4, 8 << 20, True), (8, 16, 1 << 20, True), (16, 16, 1 << 20, True),
-            (4, 4, 16 << 20, True), (8, 8, 4 << 20, False), (16, 4, 4 << 20, False)]
+SETTINGS = [(16, 8, 4 << 20, True), (8, 8, 4 << 20, True), (16, 1, 8 << 20, True),
+            (32, 1, 8 << 20, True), (64, 1, 4 << 20, True), (16, 2, 8 << 20, True),
+            (32, 2, 4 << 20, True), (16, 1, 16 << 20, True), (16, 4, 4 << 20, False),
+            (32, 1, 8 << 20, False)]
 
 
 def read_span(files: list[Path], start: int, span: int, readers: int, threads: int,
@@ -70,7 +71,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--dir", type=Path, default=Path("bench-data"))
     ap.add_argument("--span-gib", type=float, default=2.0)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     os.environ["SLLMCTL_HOME"] = str((args.dir / "home").resolve())
