@@ -396,11 +396,10 @@ def main() -> int:
     if "direct" in sections:
         loaders: list[tuple[str, Callable[[], dict[str, torch.Tensor]], list[Path]]] = [
             ("sllmctl", lambda: load_to_gpu(model, "cuda:0", pool=pool), data_files)]
-        for direct, readers, threads in ((False, 16, 4),):  # another read setting
-            kind = "O_DIRECT" if direct else "buffered"
-            loaders.append((f"sllmctl ({kind} {readers}x{threads})", lambda d=direct, r=readers,
-                            t=threads: load_to_gpu(model, "cuda:0", pool=pool, direct=d, readers=r,
-                                                   read_threads=t), data_files))
+        # the earlier default read settings (16 pieces x 8 threads x 4 MiB), for comparison
+        loaders.append(("sllmctl (O_DIRECT 16x8x4MiB)", lambda: load_to_gpu(
+            model, "cuda:0", pool=pool, direct=True, readers=16, read_threads=8,
+            read_piece=4 << 20), data_files))
         for peer in peers:
             try:
                 __import__({"runai-model-streamer": "runai_model_streamer"}.get(peer, peer))

@@ -43,10 +43,15 @@ if TYPE_CHECKING:
 
 PIECE = 64 << 20  # bytes per read and per copy; a multiple of the checksum chunk
 POOL_BUFFERS = 24  # pinned buffers: READERS being read, the rest on their way to the GPU
-READERS = 16  # pieces read at once (benchmarks/disk_sweep.py: 16 beat 4 and 8 on the H100's disk)
-READ_THREADS = 8  # threads (outstanding preads) per piece read from disk
+# Reads from disk: READERS pieces at once, each read front to back by READ_THREADS threads in
+# READ_PIECE preads. On the H100's virtual disk (benchmarks/disk_sweep.py) 16 pieces each
+# read sequentially in 16 MiB preads beat 8 or 16 pieces of 8 threads x 4 MiB: many
+# sequential streams suit it better than scattered parallel reads.
+READERS = 16
+READ_THREADS = 1
+READ_PIECE = 16 << 20
 CACHED_READ_THREADS = 2  # per piece read from the page cache (a memory copy; more contend)
-READ_PIECE = 4 << 20  # bytes per pread
+CACHED_READ_PIECE = 4 << 20
 
 
 class PinnedPool:
@@ -123,23 +128,24 @@ class _Files:
             if fd >= 0 and not is_direct:
                 os.close(fd)
             self.direct.append(fd if is_direct else None)
-            if direct is None and is_direct:
+            if direct is None:
                 self.cached.append(resident_pages(self.buffered[i], f.size))
             else:
                 self.cached.append(None)
         self.force_direct = direct is True
 
-    def fd_for(self, p: Piece) -> int:
+    def fd_for(self, p: Piece) -> tuple[int, bool]:
+        """The descriptor to read `p` with, and whether its bytes come from the page cache
+        (all of them resident there) rather than the disk."""
+        cached = self.cached[p.file]
+        lo, hi = p.offset // ALIGNMENT, -(-(p.offset + p.length) // ALIGNMENT)
+        resident = cached is not None and bool(cached[lo:hi].all())
         d = self.direct[p.file]
         if d is None:
-            return self.buffered[p.file]
-        if self.force_direct:
-            return d
-        cached = self.cached[p.file]
-        if cached is None:
-            return d
-        lo, hi = p.offset // ALIGNMENT, -(-(p.offset + p.length) // ALIGNMENT)
-        return self.buffered[p.file] if cached[lo:hi].all() else d
+            return self.buffered[p.file], resident
+        if self.force_direct or not resident:
+            return d, False
+        return self.buffered[p.file], True
 
     def close(self) -> None:
         for fd in self.buffered + [d for d in self.direct if d is not None]:
@@ -153,7 +159,7 @@ def _is_direct(fd: int) -> bool:
 
 
 def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct: bool | None,
-                 readers: int, read_threads: int
+                 readers: int, read_threads: int, read_piece: int = READ_PIECE
                  ) -> Source:
     """Yield (piece, pinned buffer holding it, release) as reads complete, in any order."""
     from sllmctl import native
@@ -172,9 +178,12 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
                     buf = pool.free.get(timeout=0.1)
                 except queue.Empty:
                     continue
-            fd = files.fd_for(p)
-            threads = read_threads if fd in files.direct else CACHED_READ_THREADS
-            n = native.pread_into(fd, buf.data_ptr(), p.length, p.offset, threads, READ_PIECE)
+            fd, resident = files.fd_for(p)
+            if resident:
+                threads, size = CACHED_READ_THREADS, CACHED_READ_PIECE
+            else:
+                threads, size = read_threads, read_piece
+            n = native.pread_into(fd, buf.data_ptr(), p.length, p.offset, threads, size)
             if n != p.length:
                 raise CorruptCheckpoint(
                     f"model {model.name}: data file {model.manifest.files[p.file].path} "
@@ -209,12 +218,14 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
 def load_to_gpu(model: StoredModel, device: Any, *, verify: bool = True,
                 direct: bool | None = None, pool: PinnedPool | None = None,
                 readers: int = READERS, read_threads: int = READ_THREADS,
-                ) -> dict[str, torch.Tensor]:
+                read_piece: int = READ_PIECE) -> dict[str, torch.Tensor]:
     """Disk -> pinned pool -> GPU, pipelined. `direct`: None picks per piece by page-cache
     residency, True forces O_DIRECT (where possible), False forces buffered reads.
-    `readers` pieces are read at once, each by `read_threads` threads."""
+    `readers` pieces are read from disk at once, each by `read_threads` threads in preads of
+    `read_piece` bytes."""
     pool = pool or default_pool()
-    source = _read_pieces(model, pieces(model, pool.size), pool, direct, readers, read_threads)
+    source = _read_pieces(model, pieces(model, pool.size), pool, direct, readers, read_threads,
+                          read_piece)
     return GpuLoad(model, device, verify).run(source)
 
 
