@@ -170,3 +170,34 @@ def test_a_model_larger_than_the_pool_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DoesNotFit, match=r"needs 0\.20 GB of DRAM; the DRAM pool holds 0\.13 GB"):
         t.warm(make_model(tmp_path, "big", files=3), lambda *_: None)
     assert names(t) == ["small"] and t.free == [1]  # nothing evicted
+
+
+def test_gpu_status_answers_while_the_driver_is_busy() -> None:
+    """A memory query held up by the driver (pinning on another thread) does not hold up
+    status: it answers with the last figures, marked stale, and fresh ones once the query
+    is done."""
+    import threading
+
+    from sllmctl.daemon.gpu_tier import GpuTier
+
+    tier = GpuTier()
+    tier.count = 1
+    tier._names[0], tier._memory[0] = "test GPU", (5, 10)
+    release = threading.Event()
+
+    def busy_driver() -> None:
+        release.wait()
+        tier._memory[0] = (7, 10)
+
+    tier.refresh = busy_driver  # type: ignore[method-assign]
+    s = tier.status()
+    assert s["gpus"] == [{"index": 0, "name": "test GPU", "total": 10, "free": 5, "stale": True}]
+    query = tier._query
+    assert tier.status()["gpus"][0]["stale"]
+    assert tier._query is query  # the query still running is not started twice
+    release.set()
+    assert query is not None
+    query.join()
+    tier.refresh = lambda: None  # type: ignore[method-assign]
+    assert tier.status()["gpus"] == [
+        {"index": 0, "name": "test GPU", "total": 10, "free": 7, "stale": False}]

@@ -89,8 +89,9 @@ def _print_status(s: dict[str, Any]) -> None:
         print(f"dram:    {human_size(r['used'])} used of {human_size(r['capacity'])} "
               f"({human_size(r['allocated'])} allocated, pinned: {r['pinned']})")
     for g in (s["gpu"] or {}).get("gpus", []):
+        stale = " (last known; the driver is busy)" if g.get("stale") else ""
         print(f"gpu {g['index']}:   {g['name']}, {human_size(g['free'])} free of "
-              f"{human_size(g['total'])}")
+              f"{human_size(g['total'])}{stale}")
     if s["gpu"] is not None and not s["gpu"]["gpus"]:
         print("gpus:    none")
     bw = s.get("bandwidth")

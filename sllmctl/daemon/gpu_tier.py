@@ -50,6 +50,9 @@ class GpuTier:
             self.count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         except ImportError:
             self.count = 0
+        self._names: dict[int, str] = {}
+        self._memory: dict[int, tuple[int, int]] = {}  # device -> last known (free, total)
+        self._query: threading.Thread | None = None  # a memory query still running
         self.models: OrderedDict[str, GpuEntry] = OrderedDict()
         self.lock = threading.Lock()  # the models table; held briefly, so status never waits
         self.load_lock = threading.Lock()  # one load at a time (they share the PCIe link)
@@ -163,15 +166,35 @@ class GpuTier:
             self._evict(e)
             return True
 
-    def status(self) -> dict[str, Any]:
-        gpus = []
-        if self.count:
-            import torch
+    STATUS_WAIT = 0.2  # seconds `status` waits for the driver before using the last figures
 
-            for d in range(self.count):
-                free, total = torch.cuda.mem_get_info(d)
-                gpus.append({"index": d, "name": torch.cuda.get_device_name(d),
-                             "total": total, "free": free})
+    def refresh(self) -> None:
+        """Query every GPU's name and free memory (may wait on the driver)."""
+        import torch
+
+        for d in range(self.count):
+            if d not in self._names:
+                self._names[d] = torch.cuda.get_device_name(d)
+            self._memory[d] = torch.cuda.mem_get_info(d)
+
+    def status(self) -> dict[str, Any]:
+        """Per GPU its name, total and free memory; the resident models. The driver can keep
+        a memory query waiting for seconds while another thread pins host memory (the DRAM
+        pool at start), so status waits STATUS_WAIT for it and otherwise reports the last
+        figures, marked stale, while the query finishes in the background."""
+        stale = False
+        if self.count:
+            with self.lock:
+                if self._query is None or not self._query.is_alive():
+                    self._query = threading.Thread(target=self.refresh, daemon=True,
+                                                   name="sllmctl-gpu-memory")
+                    self._query.start()
+                query = self._query
+            query.join(self.STATUS_WAIT)
+            stale = query.is_alive()
+        gpus = [{"index": d, "name": self._names.get(d), "total": mem[1], "free": mem[0],
+                 "stale": stale}
+                for d in range(self.count) if (mem := self._memory.get(d)) is not None]
         with self.lock:
             models = [{"name": e.name, "gpu": e.device, "bytes": e.nbytes,
                        "loaded_from": e.loaded_from, "load_seconds": round(e.load_seconds, 4),

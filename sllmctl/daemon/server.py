@@ -121,8 +121,8 @@ class Daemon(ServingMixin):
             from sllmctl.store.gpu_copy import warm_up
 
             self.gpu = GpuTier()
-            for d in range(self.gpu.count):  # each CUDA context now, not in `status`, and the
-                torch.cuda.mem_get_info(d)  # loader's kernels, not in the first load
+            self.gpu.refresh()  # each CUDA context now, not in `status`
+            for d in range(self.gpu.count):  # the loader's kernels, not in the first load
                 warm_up(d)
             pinned = torch.cuda.is_available()
             self.dram = DramTier(parse_size(self.dram_pool, total_ram()), pinned)
