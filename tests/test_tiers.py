@@ -73,12 +73,13 @@ def test_slabs_are_views_of_regions_and_a_model_gets_consecutive_slabs(tmp_path:
 
 
 def test_a_capacity_not_a_multiple_of_the_region() -> None:
-    assert region_sizes(2 * REGION + 5 * SLAB) == [REGION, REGION, 4 * SLAB, SLAB]
-    t = tier(REGION // SLAB + 5)
-    assert [r.numel() for r in t.regions] == [REGION, 4 * SLAB, SLAB]
-    assert t.region_of == [0] * (REGION // SLAB) + [1] * 4 + [2]
+    n = REGION // SLAB
+    assert region_sizes(2 * REGION + 3 * SLAB) == [REGION, REGION, 2 * SLAB, SLAB]
+    t = tier(n + 3)
+    assert [r.numel() for r in t.regions] == [REGION, 2 * SLAB, SLAB]
+    assert t.region_of == [0] * n + [1] * 2 + [2]
     assert t.free == list(range(len(t.slabs)))
-    assert t.slabs[-1]._base is t.regions[2] and t.status()["capacity"] == REGION + 5 * SLAB
+    assert t.slabs[-1]._base is t.regions[2] and t.status()["capacity"] == REGION + 3 * SLAB
 
 
 def test_placement_takes_the_lowest_run_that_fits_else_the_longest_runs(tmp_path: Path) -> None:
@@ -97,10 +98,11 @@ def test_placement_takes_the_lowest_run_that_fits_else_the_longest_runs(tmp_path
 
 
 def test_runs_do_not_cross_regions(tmp_path: Path) -> None:
-    t = tier(REGION // SLAB + 2)  # a region of 16 slabs, then one of 2
-    assert warm(t, make_model(tmp_path, "fill", files=15)) == list(range(15))
-    assert t.free == [15, 16, 17] and t.region_of[15:] == [0, 1, 1]
-    assert warm(t, make_model(tmp_path, "two", files=2)) == [16, 17]
+    n = REGION // SLAB
+    t = tier(n + 2)  # a region of n slabs, then one of 2
+    assert warm(t, make_model(tmp_path, "fill", files=n - 1)) == list(range(n - 1))
+    assert t.free == [n - 1, n, n + 1] and t.region_of[n - 1:] == [0, 1, 1]
+    assert warm(t, make_model(tmp_path, "two", files=2)) == [n, n + 1]
 
 
 def test_a_model_used_often_outlives_one_used_once_more_recently(tmp_path: Path) -> None:

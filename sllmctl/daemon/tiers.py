@@ -2,7 +2,7 @@
 daemon only.
 
 DRAM tier: a pool of host memory (pinned where CUDA is present), allocated in the background
-from the daemon's start so that it answers at once, as regions of 1 GiB (the remainder as
+from the daemon's start so that it answers at once, as regions of 256 MiB (the remainder as
 smaller regions of powers of two, since the pinned allocator rounds every allocation up to one)
 cut into 64 MiB slabs that are views of their region. A model is cached as chunk-aligned pieces,
 one slab each, checksummed as they are read; it takes the lowest run of consecutive free slabs
@@ -45,7 +45,11 @@ if TYPE_CHECKING:
     import torch
 
 SLAB = 64 << 20  # bytes; a multiple of the checksum chunk
-REGION = 1 << 30  # bytes; one pinned allocation, cut into slabs
+# bytes; one pinned allocation, cut into slabs. CUDA calls from other threads can wait while
+# the driver pins a region, so regions are kept small: with 1 GiB ones, a fresh H100 VM (whose
+# memory grows on first touch) twice left `status` unanswered for 1.5 s while the pool was
+# pinned. Copies from the tier are 256 MiB at most anyway.
+REGION = 256 << 20
 Progress = Callable[[str, int, int], None]
 
 
