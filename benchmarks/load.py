@@ -480,7 +480,11 @@ def main() -> int:
             gc.collect()
 
     if "daemon" in sections:
-        bench_daemon(name, model_bytes, limit, results, record)
+        try:
+            bench_daemon(name, model_bytes, limit, results, record)
+        except Exception as e:  # reported and saved with the rest of the run, then exit 1
+            results["daemon_error"] = f"{type(e).__name__}: {e}"
+            print(f"daemon section failed: {results['daemon_error']}", flush=True)
 
     # the limit again at the end (the VM's copy rate drifts): ratios use the higher of the two
     end = pinned_copy_limit()
@@ -544,7 +548,7 @@ def main() -> int:
                                      text=True).stdout.strip(),
     }
     save_results(args.out, f"load-{args.layers}l", results)
-    return 0
+    return 1 if "daemon_error" in results else 0
 
 
 if __name__ == "__main__":
