@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import GB, drop_caches, generate, save_results
+from load import GB, drop_caches, prepare, save_results
 
 PIECE = 64 << 20
 # (pieces read at once, threads per piece, bytes per pread, O_DIRECT)
@@ -74,16 +74,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    os.environ["SLLMCTL_HOME"] = str((args.dir / "home").resolve())
-    from sllmctl.store.store import Store
-    from sllmctl.store.writer import convert
-
-    generate(args.dir / "src", args.layers)
-    name = f"llama-{args.layers}l"
-    store = Store()
-    if not store.exists(name):
-        convert(args.dir / "src", name)
-    model = store.get(name)
+    _, model, _, _ = prepare(args.dir, args.layers)
     files = [model.path / f.path for f in model.manifest.files]
     total = sum(f.size for f in model.manifest.files)
     span = int(args.span_gib * (1 << 30)) // PIECE * PIECE

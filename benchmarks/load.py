@@ -100,6 +100,24 @@ def generate(src: Path, layers: int, shards: int = 5) -> list[Path]:
     return sorted(src.glob("*.safetensors"))
 
 
+def prepare(folder: Path, layers: int) -> tuple[list[Path], Any, float, float]:
+    """The benchmark checkpoint under `folder`, made if missing: its safetensors shards, the
+    converted model (in a store at `folder`/home, which becomes SLLMCTL_HOME), and the
+    seconds spent generating and converting."""
+    os.environ["SLLMCTL_HOME"] = str((folder / "home").resolve())
+    from sllmctl.store.store import Store
+    from sllmctl.store.writer import convert
+
+    t0 = time.perf_counter()
+    shards = generate(folder / "src", layers)
+    gen_s = time.perf_counter() - t0
+    name, store = f"llama-{layers}l", Store()
+    t0 = time.perf_counter()
+    if not store.exists(name):
+        convert(folder / "src", name)
+    return shards, store.get(name), gen_s, time.perf_counter() - t0
+
+
 def save_results(folder: Path, stem: str, results: dict[str, Any]) -> Path:
     """Write `results` as JSON under `folder` (and under $OUT on the lent GPU machine)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -343,7 +361,7 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 1
 
-    os.environ["SLLMCTL_HOME"] = str((args.dir / "home").resolve())
+    shards, model, gen_s, convert_s = prepare(args.dir, args.layers)
     from sllmctl import native
     from sllmctl.store.gpu_loader import PinnedPool, load_pinned, load_to_gpu, pinned_to_gpu
     from sllmctl.store.store import Store
@@ -352,16 +370,7 @@ def main() -> int:
     sections = set(args.sections.split(","))
     peers = list(PEERS) if args.peers == "all" else [
         p for p in args.peers.split(",") if p and p != "none"]
-    t0 = time.perf_counter()
-    shards = generate(args.dir / "src", args.layers)
-    gen_s = time.perf_counter() - t0
-    name = f"llama-{args.layers}l"
-    store = Store()
-    t0 = time.perf_counter()
-    if not store.exists(name):
-        convert(args.dir / "src", name)
-    convert_s = time.perf_counter() - t0
-    model = store.get(name)
+    name, store = model.name, Store()
     data_files = [model.path / f.path for f in model.manifest.files]
     model_bytes = model.manifest.total_bytes
     src_bytes = sum(p.stat().st_size for p in shards)

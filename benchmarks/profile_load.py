@@ -12,7 +12,6 @@ Uses (and makes, if missing) the same random checkpoint as benchmarks/load.py. N
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import GB, free_gpu, generate, pinned_copy_limit, save_results
+from load import GB, free_gpu, pinned_copy_limit, prepare, save_results
 
 
 def copies_alone(pieces: list[tuple[Any, torch.Tensor]], dst: list[torch.Tensor],
@@ -59,18 +58,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 1
-    os.environ["SLLMCTL_HOME"] = str((args.dir / "home").resolve())
+    _, model, _, _ = prepare(args.dir, args.layers)
     from sllmctl.store.gpu_copy import GpuLoad
     from sllmctl.store.gpu_loader import _pinned_source, coalesce, load_pinned
-    from sllmctl.store.store import Store
-    from sllmctl.store.writer import convert
 
-    generate(args.dir / "src", args.layers)
-    name = f"llama-{args.layers}l"
-    store = Store()
-    if not store.exists(name):
-        convert(args.dir / "src", name)
-    model = store.get(name)
     nbytes = model.manifest.total_bytes
     pinned = load_pinned(model)
     limit = pinned_copy_limit()
