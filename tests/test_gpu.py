@@ -48,6 +48,23 @@ def test_gpu_load_is_bit_exact_with_cpu(model: str, direct: bool | None) -> None
         assert torch.equal(a, b), k
 
 
+def test_pool_grows_only_as_loads_need_buffers(model: str) -> None:
+    from sllmctl.store.gpu_loader import PinnedPool, load_to_gpu, pieces
+
+    cpu = sllmctl.load_state_dict(model)
+    n = len(pieces(Store().get(model), CHUNK_SIZE))
+    assert n > 2
+    big = PinnedPool(buffers=4 * n, size=CHUNK_SIZE)
+    for pool in (big, PinnedPool(buffers=1, size=CHUNK_SIZE)):  # one buffer, reused
+        for _ in range(2):
+            gpu = load_to_gpu(Store().get(model), "cuda:0", pool=pool)
+            for k, v in cpu.items():
+                assert torch.equal(v.reshape(-1).view(torch.uint8),
+                                   gpu[k].cpu().reshape(-1).view(torch.uint8)), k
+        assert 1 <= len(pool.buffers) <= min(pool.limit, n)
+        assert pool.free.qsize() == len(pool.buffers)  # every buffer came back
+
+
 def test_pinned_path_is_bit_exact(model: str) -> None:
     from sllmctl.store.gpu_loader import load_pinned, pinned_to_gpu
 

@@ -43,30 +43,57 @@ if TYPE_CHECKING:
 
 PIECE = 64 << 20  # bytes per read and per copy; a multiple of the checksum chunk
 POOL_BUFFERS = 24  # pinned buffers: READERS being read, the rest on their way to the GPU
-# Reads from disk: READERS pieces at once, each read front to back by READ_THREADS threads in
-# READ_PIECE preads. On the H100's virtual disk (benchmarks/disk_sweep.py) 16 pieces each
-# read sequentially in 16 MiB preads beat 8 or 16 pieces of 8 threads x 4 MiB: many
-# sequential streams suit it better than scattered parallel reads.
+# Reads from disk: READERS pieces at once, each split among READ_THREADS threads in
+# READ_PIECE preads. On the H100's virtual disk, the settings read alone
+# (benchmarks/disk_sweep.py) favoured 16 pieces each read by one thread in 16 MiB preads;
+# inside whole loads (benchmarks/load.py runs both, page cache dropped before each) the two
+# are within the disk's noise: over four runs, 16 x 8 threads x 4 MiB was faster in 10 of 14
+# paired rounds, and each had the lower median in two runs.
 READERS = 16
-READ_THREADS = 1
-READ_PIECE = 16 << 20
+READ_THREADS = 8
+READ_PIECE = 4 << 20
 CACHED_READ_THREADS = 2  # per piece read from the page cache (a memory copy; more contend)
 CACHED_READ_PIECE = 4 << 20
 
 
 class PinnedPool:
-    """Reusable page-aligned pinned host buffers. Allocating and pinning is slow (the
-    first touch of new memory), so a pool is made once per process and kept."""
+    """Reusable page-aligned pinned host buffers, at most `buffers` of them. Allocating and
+    pinning is slow (the first touch of new memory), so a pool is made once per process and
+    kept; buffers are made as loads first need them, so that a small model does not wait for
+    a pool sized for a large one."""
 
-    def __init__(self, buffers: int = POOL_BUFFERS, size: int = PIECE) -> None:
+    def __init__(self, buffers: int = POOL_BUFFERS, size: int = PIECE,
+                 eager: bool = False) -> None:
+        self.size = size
+        self.limit = buffers
+        self.buffers: list[torch.Tensor] = []
+        self.free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._lock = threading.Lock()
+        if eager:
+            for _ in range(buffers):
+                self.free.put(self._new())
+
+    def _new(self) -> torch.Tensor:
         import torch
 
-        self.size = size
-        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                        for _ in range(buffers)]
-        self.free: queue.Queue[torch.Tensor] = queue.Queue()
-        for b in self.buffers:
-            self.free.put(b)
+        buf = torch.empty(self.size, dtype=torch.uint8, pin_memory=True)
+        self.buffers.append(buf)
+        return buf
+
+    def take(self, timeout: float) -> torch.Tensor | None:
+        """A free buffer, a new one while the pool is below its size, or None after
+        `timeout` seconds."""
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if len(self.buffers) < self.limit:
+                return self._new()
+        try:
+            return self.free.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
 
 _pools: dict[int, PinnedPool] = {}
@@ -174,10 +201,7 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
             while buf is None:
                 if stop.is_set():
                     return
-                try:
-                    buf = pool.free.get(timeout=0.1)
-                except queue.Empty:
-                    continue
+                buf = pool.take(0.1)
             fd, resident = files.fd_for(p)
             if resident:
                 threads, size = CACHED_READ_THREADS, CACHED_READ_PIECE
