@@ -91,8 +91,8 @@ def test_greedy_and_sampled_rows_in_one_step() -> None:
 
 def test_building_on_loaded_tensors_stays_light() -> None:
     """Building a model on the meta device initialises nothing: PyTorch's meta-device
-    normal_ imports torch._dynamo, which cost 1.5 s here and about 5 s on the GPU machine at
-    every `sllmctl run`."""
+    normal_ imports torch._dynamo, which cost 1.5 s of every `sllmctl run` on a 2-core CPU
+    machine."""
     import subprocess
     import sys
 

@@ -184,9 +184,11 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        weight = torch.empty(config.vocab, config.hidden)  # on the meta device when built there
-        if weight.device.type != "meta":  # on meta, normal_ would import torch._dynamo: 1.5 s
-            nn.init.normal_(weight)  # here, 5 s on the GPU machine, at every start
+        # on the meta device when built there; there normal_ would import torch._dynamo (1.5 s
+        # of every `sllmctl run` on a 2-core CPU machine, more on the GPU machine), so skip it
+        weight = torch.empty(config.vocab, config.hidden)
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)
         self.embed_tokens = nn.Embedding(config.vocab, config.hidden, _weight=weight)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.layers))
         self.norm = RMSNorm(config.hidden, config.rms_norm_eps)
