@@ -1,15 +1,24 @@
 """The GPU loader's bookkeeping that runs on any machine: merging pinned pieces into larger
-copies, and knowing when a byte range has been queued."""
+copies, knowing when a byte range has been queued, and the checksum arithmetic that runs on
+the GPU (here on the CPU)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import torch
+from safetensors.torch import save_file
 
-from sllmctl.store.gpu_copy import Piece, _covering
+from sllmctl.errors import CorruptCheckpoint
+from sllmctl.store.gpu_copy import GpuChecker, Piece, _covering, manifest_sums
 from sllmctl.store.gpu_loader import PinnedModel, _pinned_source, coalesce
+from sllmctl.store.reader import open_data
+from sllmctl.store.store import Store
+from sllmctl.store.writer import convert
 
 
 def test_coalesce_merges_only_true_neighbours() -> None:
@@ -53,3 +62,33 @@ def test_pinned_copies_taper_at_the_end() -> None:
     assert out == [(0, 0, 128), (0, 128, 128),
                    (1, 0, 32), (1, 32, 32), (1, 64, 32), (1, 96, 4)]
     assert sum(n for _, _, n in out) == pinned.nbytes
+
+
+def test_checker_sums_match_the_manifest_and_name_a_flipped_byte(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    save_file({"a": torch.randn(3000, 4000, generator=g).to(torch.bfloat16),
+               "b": torch.randn(1000, 1001, generator=g)}, tmp_path / "model.safetensors")
+    convert(tmp_path, "c", max_file_size=20 << 20)
+    model = Store().get("c")
+    files, chunk = model.manifest.files, model.manifest.chunk_size
+    assert len(files) > 1 and files[0].size > chunk  # whole chunks and a short last one
+    data = []
+    for f in files:
+        fd = open_data(model, f)
+        data.append(torch.frombuffer(bytearray(os.pread(fd, f.size, 0)), dtype=torch.uint8))
+        os.close(fd)
+    expected = [manifest_sums(f) for f in files]
+
+    def check(flip: tuple[int, int] | None) -> None:
+        checker = GpuChecker(chunk, [f.size for f in files], "cpu")
+        for i, d in enumerate(data):
+            d = d.clone()
+            if flip and flip[0] == i:
+                d[flip[1]] ^= 1
+            for off in range(0, d.numel(), 2 * chunk):  # pieces of two chunks
+                checker.add(i, off, d[off:off + 2 * chunk])
+        checker.report(*checker.compare(expected), model)
+
+    check(None)
+    with pytest.raises(CorruptCheckpoint, match=f"{files[0].path} chunk 1 "):
+        check((0, chunk + 5))

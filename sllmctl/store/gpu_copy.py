@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sllmctl.errors import CorruptCheckpoint
-from sllmctl.store.format import ALIGNMENT, PAGE_WORDS
+from sllmctl.store.format import ALIGNMENT, PAGE_WORDS, DataFile
 from sllmctl.store.reader import reconvert_hint, tensor_views
 from sllmctl.store.store import StoredModel
 
@@ -50,14 +50,17 @@ def expected_sums(model: StoredModel, device: Any) -> list[torch.Tensor]:
     """Each file's manifest checksums as an int64 tensor [chunks, 2] on `device`. The copy is
     queued from pinned memory, so it never blocks the caller (a copy from pageable memory
     would wait for every copy queued before it)."""
+    return [manifest_sums(f).pin_memory().to(device, non_blocking=True)
+            for f in model.manifest.files]
+
+
+def manifest_sums(f: DataFile) -> torch.Tensor:
+    """A data file's manifest checksums as an int64 tensor [chunks, 2] (as GpuChecker
+    computes them)."""
     import torch
 
-    out = []
-    for f in model.manifest.files:
-        rows = [(_signed(c[:16]), _signed(c[16:])) for c in f.checksums]
-        t = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
-        out.append(t.pin_memory().to(device, non_blocking=True))
-    return out
+    rows = [(_signed(c[:16]), _signed(c[16:])) for c in f.checksums]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
 
 
 def _page_sums(data: torch.Tensor) -> torch.Tensor:
@@ -68,47 +71,45 @@ def _page_sums(data: torch.Tensor) -> torch.Tensor:
 
 
 def warm_up(device: Any) -> None:
-    """Run the loader's kernels once on `device`: CUDA loads a kernel's code on its first use,
-    which would otherwise cost the first load tens of milliseconds."""
+    """Run the loader's kernels once on `device` (a copy from pinned memory, a GpuChecker's
+    sums and comparison): CUDA loads a kernel's code on its first use, which would otherwise
+    cost the first load tens of milliseconds."""
     import torch
 
     device = torch.device(device)
     with torch.cuda.device(device):
         stream = torch.cuda.Stream(device)
         with torch.cuda.stream(stream):
-            host = torch.zeros(4 * ALIGNMENT, dtype=torch.uint8).pin_memory()
-            data = torch.empty_like(host, device=device).copy_(host, non_blocking=True)
-            pages = _page_sums(data).view(2, 2)
-            weights = torch.arange(1, 3, dtype=torch.int64, device=device)
-            out = torch.zeros(2, 2, dtype=torch.int64, device=device)
-            out[:, 0] = pages.sum(dim=1)
-            out[:, 1] = (pages * weights).sum(dim=1)
-            out[1, 0] = pages[1].sum()
-            bad = torch.ne(out, out).any(dim=1)
-            torch.stack([bad.any()]).cpu()
+            # one file of a whole chunk and a short one: both of `add`'s paths
+            chunk = 2 * ALIGNMENT
+            checker = GpuChecker(chunk, [3 * ALIGNMENT], device)
+            host = torch.zeros(3 * ALIGNMENT, dtype=torch.uint8).pin_memory()
+            checker.add(0, 0, torch.empty_like(host, device=device).copy_(host, non_blocking=True))
+            checker.compare([torch.zeros(2, 2, dtype=torch.int64, device=device)])[1].cpu()
         stream.synchronize()
 
 
 class GpuChecker:
     """sum64x2 of chunks already on the GPU, written into per-file result tensors."""
 
-    def __init__(self, model: StoredModel, device: Any) -> None:
+    def __init__(self, chunk: int, sizes: list[int], device: Any) -> None:
+        """`chunk`: the checksum chunk size; `sizes`: each data file's size in bytes."""
         import torch
 
-        self.model = model
-        self.chunk = model.manifest.chunk_size
-        self.pages_per_chunk = self.chunk // ALIGNMENT
+        self.chunk = chunk
+        self.sizes = sizes
+        self.pages_per_chunk = chunk // ALIGNMENT
         self.weights = torch.arange(1, self.pages_per_chunk + 1, dtype=torch.int64,
                                     device=device)
-        self.results = [torch.zeros(len(f.checksums), 2, dtype=torch.int64, device=device)
-                        for f in model.manifest.files]
+        self.results = [torch.zeros(-(-size // chunk), 2, dtype=torch.int64, device=device)
+                        for size in sizes]
 
     def add(self, file: int, offset: int, data: torch.Tensor) -> None:
         """Checksum `data`: bytes of `file` from `offset`, whole chunks (the file's last
         chunk may be short)."""
 
         end = offset + data.numel()
-        ragged = end % self.chunk and end != self.model.manifest.files[file].size
+        ragged = end % self.chunk and end != self.sizes[file]
         if offset % self.chunk or ragged:
             raise ValueError("GPU checksums need whole chunks")
 
@@ -133,19 +134,21 @@ class GpuChecker:
         bad = [torch.ne(r, e).any(dim=1) for r, e in zip(self.results, expected, strict=True)]
         return bad, torch.stack([b.any() for b in bad])
 
-    def report(self, bad: list[torch.Tensor], flags: torch.Tensor) -> None:
-        """Wait for `compare`'s result; raise CorruptCheckpoint naming the first bad chunk."""
+    def report(self, bad: list[torch.Tensor], flags: torch.Tensor, model: StoredModel
+               ) -> None:
+        """Wait for `compare`'s result; raise CorruptCheckpoint naming the first bad chunk
+        of `model`."""
         host = flags.cpu()
         if not bool(host.any()):
             return
         file = int(host.nonzero()[0])
         chunk = int(bad[file].nonzero()[0])
-        f = self.model.manifest.files[file]
+        f = model.manifest.files[file]
         end = min((chunk + 1) * self.chunk, f.size)
         raise CorruptCheckpoint(
-            f"model {self.model.name}: data file {f.path} chunk {chunk} "
+            f"model {model.name}: data file {f.path} chunk {chunk} "
             f"(bytes {chunk * self.chunk}-{end}) fails its checksum",
-            hint=reconvert_hint(self.model),
+            hint=reconvert_hint(model),
         )
 
 
@@ -177,7 +180,9 @@ class GpuLoad:
         with torch.cuda.device(self.device):
             self.copy_stream = torch.cuda.Stream(self.device)
             self.sum_stream = torch.cuda.Stream(self.device)
-            self.checker = GpuChecker(model, self.device) if verify else None
+            self.checker = (GpuChecker(model.manifest.chunk_size,
+                                       [f.size for f in files], self.device)
+                            if verify else None)
             self.sum_stream.wait_stream(torch.cuda.current_stream(self.device))  # zeroed sums
         self.state: dict[str, torch.Tensor] | None = None
         self._views_lock = threading.Lock()
@@ -296,7 +301,7 @@ class GpuLoad:
                 settled.synchronize()  # the one wait for the whole load
                 if self.checker is not None and checked is not None:
                     with torch.cuda.stream(self.sum_stream):
-                        self.checker.report(*checked)
+                        self.checker.report(*checked, self.model)
         except BaseException as e:
             self.copy_stream.synchronize()  # nothing may still write the memory we give up
             self._finish(e)

@@ -95,6 +95,10 @@ class PinnedPool:
         except queue.Empty:
             return None
 
+    def give(self, buf: torch.Tensor) -> None:
+        """Hand a buffer back."""
+        self.free.put(buf)
+
 
 _pools: dict[int, PinnedPool] = {}
 _pool_lock = threading.Lock()
@@ -216,7 +220,7 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
             done.put((p, buf))
         except BaseException as e:
             if buf is not None:
-                pool.free.put(buf)
+                pool.give(buf)
             done.put(e)
 
     executor = ThreadPoolExecutor(readers, thread_name_prefix="sllmctl-read")
@@ -228,14 +232,14 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
             if isinstance(item, BaseException):
                 raise item
             p, buf = item
-            yield p, buf, partial(pool.free.put, buf)
+            yield p, buf, partial(pool.give, buf)
     finally:
         stop.set()
         executor.shutdown(wait=True, cancel_futures=True)
         while not done.empty():  # buffers read after a failure go back to the pool
             item = done.get()
             if not isinstance(item, BaseException):
-                pool.free.put(item[1])
+                pool.give(item[1])
         files.close()
 
 
