@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import GB, drop_caches, prepare, save_results
+from checkpoint import GB, drop_caches, prepare, save_results
 
 PIECE = 64 << 20
 # (pieces read at once, threads per piece, bytes per pread, O_DIRECT)

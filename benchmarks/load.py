@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -30,244 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-GB = 1e9
-HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 4096, 14336, 128256, 32, 8
-
-
-def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    head = HIDDEN // HEADS
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV_HEADS * head, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV_HEADS * head, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
-            p + "mlp.up_proj.weight": (INTER, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTER),
-        }
-    shapes["model.norm.weight"] = (HIDDEN,)
-    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
-    return shapes
-
-
-def generate(src: Path, layers: int, shards: int = 5) -> list[Path]:
-    """Random bf16 weights of the real shapes, split into `shards` safetensors files."""
-    from safetensors.torch import save_file
-
-    index = src / "model.safetensors.index.json"
-    if index.exists() and json.loads(index.read_text())["metadata"].get("layers") == layers:
-        return sorted(src.glob("*.safetensors"))
-    src.mkdir(parents=True, exist_ok=True)
-    for old in src.glob("*.safetensors"):
-        old.unlink()
-    shapes = llama_shapes(layers)
-    total = sum(torch.Size(s).numel() * 2 for s in shapes.values())
-    per_shard = total / shards
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        if size >= per_shard * len(groups) and len(groups) < shards:
-            groups.append([])
-        groups[-1].append(name)
-        size += torch.Size(shape).numel() * 2
-    weight_map = {}
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for i, names in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: (torch.randn(shapes[n], generator=g, device="cuda", dtype=torch.float32)
-                       * 0.02).to(torch.bfloat16).cpu() for n in names}
-        save_file(tensors, src / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, fname))
-        del tensors
-    index.write_text(json.dumps({"metadata": {"total_size": total, "layers": layers},
-                                 "weight_map": weight_map}))
-    (src / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "torch_dtype": "bfloat16",
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-        "tie_word_embeddings": False}))
-    os.sync()
-    return sorted(src.glob("*.safetensors"))
-
-
-def prepare(folder: Path, layers: int) -> tuple[list[Path], Any, float, float]:
-    """The benchmark checkpoint under `folder`, made if missing: its safetensors shards, the
-    converted model (in a store at `folder`/home, which becomes SLLMCTL_HOME), and the
-    seconds spent generating and converting."""
-    os.environ["SLLMCTL_HOME"] = str((folder / "home").resolve())
-    from sllmctl.store.store import Store
-    from sllmctl.store.writer import convert
-
-    t0 = time.perf_counter()
-    shards = generate(folder / "src", layers)
-    gen_s = time.perf_counter() - t0
-    name, store = f"llama-{layers}l", Store()
-    t0 = time.perf_counter()
-    if not store.exists(name):
-        convert(folder / "src", name)
-    return shards, store.get(name), gen_s, time.perf_counter() - t0
-
-
-def save_results(folder: Path, stem: str, results: dict[str, Any]) -> Path:
-    """Write `results` as JSON under `folder` (and under $OUT on the lent GPU machine)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], path.name).write_text(path.read_text())
-    print(f"wrote {path}")
-    return path
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def warm_files(paths: list[Path]) -> None:
-    buf = bytearray(64 << 20)
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-
-
-def free_gpu() -> None:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-
-
-def timed(fn: Callable[[], dict[str, torch.Tensor]], fresh: bool = True,
-          after: Callable[[], object] | None = None) -> tuple[float, int]:
-    """Seconds to a usable state dict. `fresh`: the GPU allocator starts empty, so the time
-    includes cudaMalloc; otherwise it reuses memory cached from the previous run. `after`
-    runs once the load is done, before its memory is freed."""
-    if fresh:
-        free_gpu()
-    start = time.perf_counter()
-    state = fn()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if after is not None:
-        after()
-    nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
-    del state
-    gc.collect()
-    if fresh:
-        free_gpu()
-    return seconds, nbytes
-
-
-def chunked_copy_seconds(pinned: Any, repeats: int = 5) -> float:
-    """Median wall time of copying the pinned pieces to preallocated GPU memory, nothing else."""
-    files = pinned.model.manifest.files
-    dst = [torch.empty(f.size, dtype=torch.uint8, device="cuda") for f in files]
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for p, buf in pinned.pieces:
-            dst[p.file][p.offset:p.offset + p.length].copy_(buf, non_blocking=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    del dst
-    free_gpu()
-    return statistics.median(times)
-
-
-def malloc_seconds(nbytes: int) -> float:
-    free_gpu()
-    start = time.perf_counter()
-    t = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    del t
-    free_gpu()
-    return seconds
-
-
-# ---------------------------------------------------------------- limits
-
-def pinned_copy_limit(nbytes: int = 4 << 30, repeats: int = 5) -> float:
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    host.fill_(1)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(repeats + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dev.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del host, dev
-    free_gpu()
-    return nbytes / min(times[1:]) / GB
-
-
-class PairedLimit:
-    """The pinned copy limit taken again right after each timed load, so that each load is
-    compared with the copy rate of the same moment: on the VM that rate drifts by up to 10 %
-    within a minute, so a load's median against the best of a few limit copies at the start
-    mixes the loader's overhead with the machine's noise. One measurement copies one pinned
-    buffer `copies` times back to back (4 x 4 GiB, about one model's bytes). It is taken
-    before the load's memory is freed: copies just after a large cudaFree ran about 9 %
-    slower (load-32l-20261124-023717, where it was taken after the free)."""
-
-    def __init__(self, nbytes: int = 4 << 30, copies: int = 4) -> None:
-        self.nbytes, self.copies = nbytes, copies
-        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        self.host.fill_(1)
-        self.dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        self.dev.copy_(self.host)  # the first copy of a process is slower: not timed
-        self.rates: list[float] = []
-
-    def measure(self) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(self.copies):
-            self.dev.copy_(self.host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        rate = self.copies * self.nbytes / (start.elapsed_time(end) / 1e3) / GB
-        self.rates.append(rate)
-        return rate
-
-    def close(self) -> None:
-        del self.host, self.dev
-        free_gpu()
-
-
-def disk_rate(files: list[Path], direct: bool, threads: int) -> float:
-    """Read every data file after dropping the page cache, many reads in flight; GB/s."""
-    from sllmctl import native
-    from sllmctl.store.reader import aligned_empty
-
-    drop_caches()
-    window = 512 << 20
-    buf = aligned_empty(window)
-    total = 0
-    start = time.perf_counter()
-    for path in files:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-        size = os.fstat(fd).st_size
-        for off in range(0, size, window):
-            total += native.pread_into(fd, buf.data_ptr(), min(window, size - off), off,
-                                       threads, 8 << 20)
-        os.close(fd)
-    return total / (time.perf_counter() - start) / GB
+from checkpoint import GB, drop_caches, prepare, save_results, warm_files
+from limits import (
+    PairedLimit,
+    chunked_copy_seconds,
+    disk_rate,
+    free_gpu,
+    malloc_seconds,
+    pinned_copy_limit,
+    timed,
+)
 
 
 def bench_daemon(name: str, model_bytes: int, limit: float, results: dict[str, Any],
@@ -305,7 +76,7 @@ def bench_daemon(name: str, model_bytes: int, limit: float, results: dict[str, A
         paired = PairedLimit()  # in this process, over the same PCIe link, right after each
         for _ in range(7):
             wall, r = warm_gpu()
-            rate = paired.measure()  # before the unload frees the daemon's GPU memory
+            rate = paired.measure()  # as for the in-memory loads: right after each one
             ratios.append(model_bytes / r["load_seconds"] / GB / rate)
             c.call("unload", {"name": name, "tier": "gpu"})
             assert r["loaded_from"] == "dram", r

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import GB, free_gpu, pinned_copy_limit, prepare, save_results
+from checkpoint import GB, prepare, save_results
+from limits import free_gpu, pinned_copy_limit
 
 
 def copies_alone(pieces: list[tuple[Any, torch.Tensor]], dst: list[torch.Tensor],

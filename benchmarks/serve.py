@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import drop_caches, free_gpu, generate, save_results
+from checkpoint import drop_caches, generate, save_results
+from limits import free_gpu
 
 
 def sync(device: torch.device) -> None:
