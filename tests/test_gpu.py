@@ -17,8 +17,8 @@ from sllmctl.store.writer import convert
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture
-def model(tmp_path: Path) -> str:
+@pytest.fixture(params=[False, True], ids=["plain", "compressed"])
+def model(tmp_path: Path, request: pytest.FixtureRequest) -> str:
     g = torch.Generator().manual_seed(0)
     tensors = {
         "big": torch.randn(3000, 4000, generator=g).to(torch.bfloat16),  # spans chunks
@@ -29,7 +29,9 @@ def model(tmp_path: Path) -> str:
         "f8": torch.randn(64, 64, generator=g).to(torch.float8_e4m3fn),
     }
     save_file(tensors, tmp_path / "model.safetensors")
-    convert(tmp_path, "g", max_file_size=20 << 20)  # several data files
+    convert(tmp_path, "g", max_file_size=20 << 20, compress=request.param)  # several files
+    if request.param:  # the bf16 chunks are stored split, so the tests cover both kinds
+        assert any(z for f in Store().get("g").manifest.files for z in f.frames or [])
     return "g"
 
 
@@ -52,10 +54,12 @@ def test_pool_grows_only_as_loads_need_buffers(model: str) -> None:
     from sllmctl.store.gpu_loader import PinnedPool, load_to_gpu, pieces
 
     cpu = sllmctl.load_state_dict(model)
-    n = len(pieces(Store().get(model), CHUNK_SIZE))
+    # a compressed chunk needs room for its decompressed half as well
+    size = CHUNK_SIZE * 2 if Store().get(model).manifest.format_version > 1 else CHUNK_SIZE
+    n = len(pieces(Store().get(model), size))
     assert n > 2
-    big = PinnedPool(buffers=4 * n, size=CHUNK_SIZE)
-    for pool in (big, PinnedPool(buffers=1, size=CHUNK_SIZE)):  # one buffer, reused
+    big = PinnedPool(buffers=4 * n, size=size)
+    for pool in (big, PinnedPool(buffers=1, size=size)):  # one buffer, reused
         for _ in range(2):
             gpu = load_to_gpu(Store().get(model), "cuda:0", pool=pool)
             for k, v in cpu.items():
@@ -76,11 +80,25 @@ def test_pinned_path_is_bit_exact(model: str) -> None:
                            gpu[k].cpu().reshape(-1).view(torch.uint8)), k
 
 
+@pytest.mark.parametrize("where", ["low", "zstd"])
 @pytest.mark.parametrize("direct", [True, False])
-def test_flipped_byte_caught_on_gpu(model: str, direct: bool) -> None:
-    folder = Store().path(model)
-    data = folder / "data-00000.bin"
-    pos = CHUNK_SIZE + 12345
+def test_flipped_byte_caught_on_gpu(model: str, direct: bool, where: str) -> None:
+    """A flipped byte in chunk 1: in a plain file anywhere in it; in a compressed one, in the
+    low bytes (stored as is) or inside the compressed high bytes."""
+    from sllmctl.store.codec import Layout
+
+    stored = Store().get(model)
+    f = stored.manifest.files[0]
+    if f.encoding is None:
+        if where == "zstd":
+            pytest.skip("a plain file has no compressed bytes")
+        pos = CHUNK_SIZE + 12345
+    else:
+        assert f.frames is not None and f.frames[1]
+        start = int(Layout(f, CHUNK_SIZE).starts[1])
+        half = min(CHUNK_SIZE, f.size - CHUNK_SIZE) // 2  # the low bytes, then zstd
+        pos = start + 12345 if where == "low" else start + half + f.frames[1] // 2
+    data = Store().path(model) / f.path
     raw = bytearray(data.read_bytes())
     raw[pos] ^= 0x01
     data.write_bytes(bytes(raw))

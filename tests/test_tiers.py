@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from sllmctl.daemon.tiers import REGION, SLAB, DoesNotFit, DramTier, region_sizes
+from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store.store import Store, StoredModel
 from sllmctl.store.writer import convert
 
@@ -70,6 +71,34 @@ def test_slabs_are_views_of_regions_and_a_model_gets_consecutive_slabs(tmp_path:
         assert b.untyped_storage().data_ptr() == region.untyped_storage().data_ptr()
     data = (model.path / model.manifest.files[0].path).read_bytes()
     assert bytes(torch.cat(bufs).numpy()) == data[: 130 * MiB]
+
+
+def test_a_compressed_model_is_held_decoded(tmp_path: Path) -> None:
+    """The DRAM tier holds a compressed model's decoded bytes, so its loads to a GPU are the
+    plain copies of any other model; damage in its file is named by chunk."""
+    src = tmp_path / "src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({"w": (torch.randn(40 * MiB, generator=g) * 0.02).to(torch.bfloat16)},
+              src / "model.safetensors")
+    plain, small = convert(src, "plain"), convert(src, "small", compress=True)
+    assert small.files[0].on_disk < plain.files[0].size
+    t = tier(4)
+    model = Store().get("small")
+    warm(t, model)
+    pinned = t.pinned_model(model)
+    assert pinned is not None
+    held = torch.cat([buf for _, buf in pinned.pieces])
+    t.release("small")
+    assert bytes(held.numpy()) == (Store().path("plain") / plain.files[0].path).read_bytes()
+    t.unload("small")
+    path = Store().path("small") / small.files[0].path
+    raw = bytearray(path.read_bytes())
+    raw[small.files[0].on_disk // 2] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpoint, match="chunk 2 "):
+        t.warm(Store().get("small"), lambda *_: None)
+    assert names(t) == []
 
 
 def test_a_capacity_not_a_multiple_of_the_region() -> None:

@@ -29,7 +29,8 @@ def describe(name: str, tensors: bool) -> dict[str, Any]:
         "tensors": len(m.tensors),
         "aliases": m.aliases,
         "dtypes": by_dtype,
-        "files": [{"path": f.path, "size": f.size, "chunks": len(f.checksums)} for f in m.files],
+        "files": [{"path": f.path, "size": f.size, "chunks": len(f.checksums),
+                   "encoding": f.encoding, "stored_size": f.on_disk} for f in m.files],
         "extra_files": sorted(m.extra_files),
         "provenance": m.provenance,
     }
@@ -55,10 +56,13 @@ def command(
 
 def print_model(d: dict[str, Any]) -> None:
     dtypes = ", ".join(f"{k} {human_size(v)}" for k, v in d["dtypes"].items())
+    on_disk = sum(f["stored_size"] for f in d["files"])
+    stored = (f", {human_size(on_disk)} on disk (compressed)" if on_disk != d["bytes"]
+              else "")
     lines = [
         f"name:        {d['name']}",
         f"parameters:  {human_count(d['parameters'])} ({d['parameters']})",
-        f"size:        {human_size(d['bytes'])} in {len(d['files'])} data file(s)",
+        f"size:        {human_size(d['bytes'])} in {len(d['files'])} data file(s)" + stored,
         f"tensors:     {d['tensors']} ({len(d['aliases'])} tied)",
         f"dtypes:      {dtypes}",
         f"files:       {', '.join(d['extra_files']) or '-'}",

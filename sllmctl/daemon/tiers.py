@@ -38,7 +38,7 @@ from sllmctl.store.gpu_copy import Piece
 from sllmctl.store.gpu_loader import (
     PinnedModel,
 )
-from sllmctl.store.reader import check_chunks, open_data, reconvert_hint
+from sllmctl.store.reader import check_chunks, open_data, read_verify, reconvert_hint
 from sllmctl.store.store import StoredModel
 
 if TYPE_CHECKING:
@@ -202,7 +202,6 @@ class DramTier:
         return entry, True
 
     def _read(self, model: StoredModel, entry: DramEntry, progress: Progress) -> None:
-        from sllmctl import native
 
         chunk = model.manifest.chunk_size
         fds = [open_data(model, f) for f in model.manifest.files]
@@ -211,8 +210,8 @@ class DramTier:
             for piece, slab in entry.pieces:
                 buf = self.slabs[slab]
                 f = model.manifest.files[piece.file]
-                n, sums = native.read_verify(fds[piece.file], buf.data_ptr(), piece.length,
-                                             piece.offset, chunk, 4)
+                n, sums = read_verify(model, f, fds[piece.file], buf.data_ptr(), piece.length,
+                                      piece.offset, 4 if f.encoding is None else 8)
                 if n != piece.length:
                     raise CorruptCheckpoint(
                         f"model {model.name}: data file {f.path} ended after byte "

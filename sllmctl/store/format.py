@@ -1,11 +1,13 @@
-"""The sllmctl checkpoint format, version 1 (specified in docs/format.md).
+"""The sllmctl checkpoint format, versions 1 and 2 (specified in docs/format.md).
 
 A model is a folder holding `manifest.json`, one or more raw data files
 (`data-00000.bin`, ...) and the source's non-weight files under `files/`.
 Every tensor starts at a multiple of ALIGNMENT in its data file and every data file is
 padded to a multiple of ALIGNMENT, so any chunk can be read with O_DIRECT straight into
 an aligned buffer and any tensor viewed in place. Each data file is covered by
-checksums over fixed-size chunks (the last one may be shorter).
+checksums over fixed-size chunks (the last one may be shorter). Version 2 adds compressed
+data files, stored chunk by chunk as frames (codec.py); sizes, offsets and checksums still
+refer to the decoded bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import numpy as np
 from sllmctl.errors import CorruptCheckpoint
 
 MAGIC = "sllmctl-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this writes: 2 where a data file is encoded, else 1
+READ_VERSIONS = (1, 2)
+ENCODINGS = ("split-zstd",)  # see codec.py
 ALIGNMENT = 4096  # bytes; O_DIRECT block and page size, and a multiple of every GPU access width
 CHUNK_SIZE = 16 << 20  # bytes covered by one checksum; a multiple of ALIGNMENT
 CHECKSUM = "sum64x2"
@@ -110,8 +114,15 @@ class TensorEntry:
 @dataclass
 class DataFile:
     path: str
-    size: int
+    size: int  # the bytes it holds (decoded); tensor offsets and checksums refer to these
     checksums: list[str]
+    encoding: str | None = None  # None: stored as is; "split-zstd": frame by frame
+    frames: list[int] | None = None  # encoded: each frame's compressed length, 0 = plain
+    stored_size: int | None = None  # encoded: the file's size on disk
+
+    @property
+    def on_disk(self) -> int:
+        return self.size if self.stored_size is None else self.stored_size
 
 
 @dataclass
@@ -123,7 +134,7 @@ class Manifest:
     extra_files: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     magic: str = MAGIC
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     alignment: int = ALIGNMENT
     chunk_size: int = CHUNK_SIZE
     checksum: str = CHECKSUM
@@ -144,6 +155,7 @@ class Manifest:
 
     def to_json(self) -> str:
         d = asdict(self)
+        d["files"] = [{k: v for k, v in f.items() if v is not None} for f in d["files"]]
         head = {k: d.pop(k) for k in ("magic", "format_version", "name")}
         return json.dumps({**head, **d}, indent=1) + "\n"
 
@@ -155,10 +167,10 @@ class Manifest:
             raise CorruptCheckpoint(f"{where}: manifest is not valid JSON ({e})") from None
         if not isinstance(d, dict) or d.get("magic") != MAGIC:
             raise CorruptCheckpoint(f"{where}: not an sllmctl manifest (bad magic)")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READ_VERSIONS:
             raise CorruptCheckpoint(
                 f"{where}: format version {d.get('format_version')} is not supported "
-                f"(this sllmctl reads version {FORMAT_VERSION})",
+                f"(this sllmctl reads versions {', '.join(map(str, READ_VERSIONS))})",
                 hint="upgrade sllmctl, or convert the model again",
             )
         try:
@@ -183,6 +195,8 @@ class Manifest:
                 raise CorruptCheckpoint(f"{where}: bad data file entry {f.path!r}")
             if len(f.checksums) != -(-f.size // self.chunk_size):
                 raise CorruptCheckpoint(f"{where}: {f.path} has the wrong number of checksums")
+            if f.encoding is not None or f.frames is not None or f.stored_size is not None:
+                self._validate_encoding(f, where)
         for name, t in self.tensors.items():
             if t.dtype not in DTYPES or not 0 <= t.file < len(self.files):
                 raise CorruptCheckpoint(f"{where}: tensor {name!r} has a bad dtype or file")
@@ -198,3 +212,23 @@ class Manifest:
         for alias, target in self.aliases.items():
             if target not in self.tensors:
                 raise CorruptCheckpoint(f"{where}: alias {alias!r} points to a missing tensor")
+
+    def _validate_encoding(self, f: DataFile, where: str) -> None:
+        if self.format_version < 2 or f.encoding not in ENCODINGS:
+            raise CorruptCheckpoint(f"{where}: {f.path} has an unknown encoding "
+                                    f"{f.encoding!r} (format version {self.format_version})")
+        frames = f.frames
+        if (not isinstance(frames, list) or len(frames) != len(f.checksums)
+                or not all(isinstance(z, int) and z >= 0 for z in frames)):
+            raise CorruptCheckpoint(f"{where}: {f.path} has a bad frame list")
+        stored = 0
+        for i, z in enumerate(frames):
+            n = min(self.chunk_size, f.size - i * self.chunk_size)
+            length = n if z == 0 else align_up(n // 2 + z)
+            if length > n:
+                raise CorruptCheckpoint(f"{where}: {f.path} frame {i} is longer stored than "
+                                        "decoded")
+            stored += length
+        if f.stored_size != stored:
+            raise CorruptCheckpoint(f"{where}: {f.path} stored size {f.stored_size} does not "
+                                    f"match its frames ({stored})")

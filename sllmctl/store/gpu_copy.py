@@ -34,9 +34,37 @@ class Piece:
     length: int
 
 
-# What a load copies, in any order: (piece, host buffer holding it, release). `release` is
-# called once the copy no longer needs the buffer; None where nothing needs handing back.
-Source = Iterator[tuple[Piece, "torch.Tensor", Callable[[], None] | None]]
+@dataclass
+class Split:
+    """A piece of an encoded data file in host memory, frame by frame (codec.py): (offset in
+    the file, length, the low bytes or the whole chunk, the high bytes or None)."""
+
+    frames: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
+
+
+def unsplit(buffer: torch.Tensor, split: Split) -> None:
+    """Queue on the current stream the copies of an encoded piece's frames into `buffer` (its
+    data file's memory): a plain frame straight to its place, a split one as its two planes
+    into a staging buffer and from there woven into place. The staging memory is reused by
+    the next frame once this one's weave is done, in stream order."""
+    import torch
+
+    for off, n, a, b in split.frames:
+        dst = buffer[off:off + n]
+        if b is None:
+            dst.copy_(a, non_blocking=True)
+            continue
+        h = n // 2
+        stage = torch.empty(n, dtype=torch.uint8, device=buffer.device)
+        stage[:h].copy_(a, non_blocking=True)
+        stage[h:].copy_(b, non_blocking=True)
+        dst.view(h, 2).copy_(stage.view(2, h).t())
+
+
+# What a load copies, in any order: (piece, host buffer holding it or its frames, release).
+# `release` is called once the copy no longer needs the buffer; None where nothing needs
+# handing back.
+Source = Iterator[tuple[Piece, "torch.Tensor | Split", Callable[[], None] | None]]
 
 
 # ---------------------------------------------------------------- checksums on the GPU
@@ -263,7 +291,10 @@ class GpuLoad:
                         with torch.cuda.stream(self.copy_stream):
                             if "first_copy" not in self.timings:
                                 first.record(self.copy_stream)
-                            dst.copy_(buf[: p.length], non_blocking=True)
+                            if isinstance(buf, Split):
+                                self._unsplit(p.file, buf)
+                            else:
+                                dst.copy_(buf[: p.length], non_blocking=True)
                             copied = torch.cuda.Event()
                             copied.record(self.copy_stream)
                         if release is not None:  # None: the buffer needs no handing back
@@ -313,6 +344,9 @@ class GpuLoad:
             self.timings["gpu_tail"] = round(last.elapsed_time(verified) / 1e3, 4)
         self._finish(None)
         return self._views()
+
+    def _unsplit(self, file: int, split: Split) -> None:
+        unsplit(self._allocate(file), split)
 
     def _finish(self, error: BaseException | None) -> None:
         with self._cond:

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sllmctl.errors import CorruptCheckpoint
+from sllmctl.store.codec import Layout, split_piece
 from sllmctl.store.format import ALIGNMENT
-from sllmctl.store.gpu_copy import GpuLoad, Piece, Source
-from sllmctl.store.reader import open_data, reconvert_hint
+from sllmctl.store.gpu_copy import GpuLoad, Piece, Source, Split
+from sllmctl.store.reader import check_chunks, open_data, read_verify, reconvert_hint
 from sllmctl.store.store import StoredModel
 
 if TYPE_CHECKING:
@@ -111,9 +112,21 @@ def default_pool() -> PinnedPool:
         return _pools[0]
 
 
-def pieces(model: StoredModel, size: int = PIECE) -> list[Piece]:
-    return [Piece(i, off, min(size, f.size - off))
-            for i, f in enumerate(model.manifest.files) for off in range(0, f.size, size)]
+def pieces(model: StoredModel, size: int = PIECE, decoded: bool = False) -> list[Piece]:
+    """The pieces a load reads, each filling a host buffer of `size` bytes: `size` bytes of a
+    plain data file (or, with `decoded`, of any), or of an encoded one as many whole chunks
+    as leave room in the buffer for their decompressed high bytes."""
+    chunk = model.manifest.chunk_size
+    out = []
+    for i, f in enumerate(model.manifest.files):
+        step = size
+        if f.encoding is not None and not decoded:
+            step = size * 2 // 3 // chunk * chunk
+            if not step:
+                raise ValueError(f"host buffers of {size} bytes cannot hold a chunk of "
+                                 f"{f.path} with its decompressed half ({chunk * 3 // 2})")
+        out += [Piece(i, off, min(step, f.size - off)) for off in range(0, f.size, step)]
+    return out
 
 
 # ---------------------------------------------------------------- page-cache residency
@@ -153,6 +166,8 @@ class _Files:
         self.buffered = [open_data(model, f) for f in model.manifest.files]
         self.direct: list[int | None] = []
         self.cached: list[np.ndarray | None] = []
+        self.layouts = [Layout(f, model.manifest.chunk_size) if f.encoding else None
+                        for f in model.manifest.files]
         for i, f in enumerate(model.manifest.files):
             fd = open_data(model, f, direct=True) if direct is not False else -1
             is_direct = fd >= 0 and _is_direct(fd)
@@ -160,23 +175,30 @@ class _Files:
                 os.close(fd)
             self.direct.append(fd if is_direct else None)
             if direct is None:
-                self.cached.append(resident_pages(self.buffered[i], f.size))
+                self.cached.append(resident_pages(self.buffered[i], f.on_disk))
             else:
                 self.cached.append(None)
         self.force_direct = direct is True
 
-    def fd_for(self, p: Piece) -> tuple[int, bool]:
-        """The descriptor to read `p` with, and whether its bytes come from the page cache
-        (all of them resident there) rather than the disk."""
-        cached = self.cached[p.file]
-        lo, hi = p.offset // ALIGNMENT, -(-(p.offset + p.length) // ALIGNMENT)
+    def stored_range(self, p: Piece) -> tuple[int, int]:
+        """The bytes on disk that hold piece `p`."""
+        layout = self.layouts[p.file]
+        if layout is None:
+            return p.offset, p.offset + p.length
+        return layout.stored_range(p.offset, p.length)
+
+    def fd_for(self, file: int, start: int, end: int) -> tuple[int, bool]:
+        """The descriptor to read bytes [start, end) of a file with, and whether they come
+        from the page cache (all of them resident there) rather than the disk."""
+        cached = self.cached[file]
+        lo, hi = start // ALIGNMENT, -(-end // ALIGNMENT)
         resident = cached is not None and bool(cached[lo:hi].all())
-        d = self.direct[p.file]
+        d = self.direct[file]
         if d is None:
-            return self.buffered[p.file], resident
+            return self.buffered[file], resident
         if self.force_direct or not resident:
             return d, False
-        return self.buffered[p.file], True
+        return self.buffered[file], True
 
     def close(self) -> None:
         for fd in self.buffered + [d for d in self.direct if d is not None]:
@@ -206,18 +228,24 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
                 if stop.is_set():
                     return
                 buf = pool.take(0.1)
-            fd, resident = files.fd_for(p)
+            start, end = files.stored_range(p)
+            fd, resident = files.fd_for(p.file, start, end)
             if resident:
                 threads, size = CACHED_READ_THREADS, CACHED_READ_PIECE
             else:
                 threads, size = read_threads, read_piece
-            n = native.pread_into(fd, buf.data_ptr(), p.length, p.offset, threads, size)
-            if n != p.length:
+            n = native.pread_into(fd, buf.data_ptr(), end - start, start, threads, size)
+            if n != end - start:
                 raise CorruptCheckpoint(
                     f"model {model.name}: data file {model.manifest.files[p.file].path} "
-                    f"ended early (read {n} of {p.length} bytes at {p.offset})",
+                    f"ended early (read {n} of {end - start} bytes at {start})",
                     hint=reconvert_hint(model))
-            done.put((p, buf))
+            layout = files.layouts[p.file]
+            if layout is None:
+                done.put((p, buf, buf))
+            else:
+                frames = split_piece(model, p.file, p.offset, p.length, buf, start, layout)
+                done.put((p, Split(frames), buf))
         except BaseException as e:
             if buf is not None:
                 pool.give(buf)
@@ -231,15 +259,15 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
             item = done.get()
             if isinstance(item, BaseException):
                 raise item
-            p, buf = item
-            yield p, buf, partial(pool.give, buf)
+            p, data, buf = item
+            yield p, data, partial(pool.give, buf)
     finally:
         stop.set()
         executor.shutdown(wait=True, cancel_futures=True)
         while not done.empty():  # buffers read after a failure go back to the pool
             item = done.get()
             if not isinstance(item, BaseException):
-                pool.give(item[1])
+                pool.give(item[2])
         files.close()
 
 
@@ -288,9 +316,16 @@ def load_pinned(model: StoredModel, piece_size: int = 256 << 20) -> PinnedModel:
     out = []
     fds = [open_data(model, f) for f in model.manifest.files]
     try:
-        for p in pieces(model, piece_size):
+        for p in pieces(model, piece_size, decoded=True):
             buf = torch.empty(p.length, dtype=torch.uint8, pin_memory=True)
-            n = native.pread_into(fds[p.file], buf.data_ptr(), p.length, p.offset, 8, 8 << 20)
+            f = model.manifest.files[p.file]
+            if f.encoding is None:
+                n = native.pread_into(fds[p.file], buf.data_ptr(), p.length, p.offset, 8,
+                                      8 << 20)
+            else:
+                n, sums = read_verify(model, f, fds[p.file], buf.data_ptr(), p.length,
+                                      p.offset, 8)
+                check_chunks(model, f, p.offset // model.manifest.chunk_size, sums)
             if n != p.length:
                 raise CorruptCheckpoint(f"model {model.name}: data file ended early",
                                         hint=reconvert_hint(model))

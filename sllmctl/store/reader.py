@@ -7,12 +7,16 @@ of those buffers, so a model costs one allocation per data file and no per-tenso
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from sllmctl.errors import CorruptCheckpoint
+from sllmctl.store.codec import UNDECODABLE, read_into
 from sllmctl.store.format import ALIGNMENT, FILES_DIR, DataFile, torch_dtype
 from sllmctl.store.store import Store, StoredModel
 
@@ -53,10 +57,10 @@ def open_data(model: StoredModel, f: DataFile, direct: bool = False) -> int:
                 f"model {model.name}: data file {f.path} is missing", hint=reconvert_hint(model)
             ) from None
     size = os.fstat(fd).st_size
-    if size != f.size:
+    if size != f.on_disk:
         os.close(fd)
         raise CorruptCheckpoint(
-            f"model {model.name}: data file {f.path} is {size} bytes, expected {f.size} "
+            f"model {model.name}: data file {f.path} is {size} bytes, expected {f.on_disk} "
             "(truncated or damaged)",
             hint=reconvert_hint(model),
         )
@@ -73,11 +77,25 @@ def check_chunks(model: StoredModel, f: DataFile, first: int, sums: list[str]) -
     for i, got in enumerate(sums, start=first):
         if got != f.checksums[i]:
             end = min((i + 1) * chunk, f.size)
+            fails = "does not decode" if got == UNDECODABLE else "fails its checksum"
             raise CorruptCheckpoint(
                 f"model {model.name}: data file {f.path} chunk {i} (bytes {i * chunk}-{end}) "
-                "fails its checksum",
+                f"{fails}",
                 hint=reconvert_hint(model),
             )
+
+
+def read_verify(model: StoredModel, f: DataFile, fd: int, addr: int, length: int,
+                offset: int, threads: int) -> tuple[int, list[str]]:
+    """native.read_verify for any data file: chunks [offset, offset + length) into memory at
+    `addr`, decoded where the file is encoded; (bytes read, each chunk's checksum)."""
+    from sllmctl import native
+
+    chunk = model.manifest.chunk_size
+    if f.encoding is None:
+        return native.read_verify(fd, addr, length, offset, chunk, threads)
+    out = np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(addr))
+    return read_into(fd, f, chunk, offset, length, out, threads)
 
 
 def read_file(
@@ -91,11 +109,10 @@ def read_file(
     if f.size == 0:
         return buf
     threads = threads or default_threads()
-    fd = open_data(model, f, direct)
+    fd = open_data(model, f, direct and f.encoding is None)
     try:
-        if verify:
-            n, sums = native.read_verify(fd, buf.data_ptr(), f.size, 0,
-                                         model.manifest.chunk_size, threads)
+        if verify or f.encoding is not None:
+            n, sums = read_verify(model, f, fd, buf.data_ptr(), f.size, 0, threads)
         else:
             n = native.pread_into(fd, buf.data_ptr(), f.size, 0, threads)
     finally:
@@ -169,7 +186,6 @@ class VerifyReport:
 def verify(name: str, *, store: Store | None = None, threads: int | None = None,
            progress: Any = None) -> VerifyReport:
     """Recompute every checksum of model `name`; report every bad chunk and file."""
-    from sllmctl import native
 
     model = (store or Store()).get(name)
     report = VerifyReport(name)
@@ -185,16 +201,18 @@ def verify(name: str, *, store: Store | None = None, threads: int | None = None,
         try:
             for start in range(0, f.size, window):
                 length = min(window, f.size - start)
-                n, sums = native.read_verify(fd, buf.data_ptr(), length, start, chunk,
-                                             threads or default_threads())
+                n, sums = read_verify(model, f, fd, buf.data_ptr(), length, start,
+                                      threads or default_threads())
                 first = start // chunk
                 if n != length:
                     report.bad.append({"file": f.path, "chunk": first + len(sums),
                                        "error": f"file ends early, at byte {start + n}"})
                 for i, got in enumerate(sums, start=first):
                     if got != f.checksums[i]:
+                        fails = ("does not decode" if got == UNDECODABLE
+                                 else "fails its checksum")
                         report.bad.append({"file": f.path, "chunk": i,
-                                           "error": f"chunk {i} fails its checksum"})
+                                           "error": f"chunk {i} {fails}"})
                 report.chunks += len(sums)
                 report.bytes += n
                 if progress:

@@ -1,0 +1,200 @@
+"""Compressed data files, encoding "split-zstd": fewer bytes to read from a slow disk.
+
+In a little-endian bf16 or fp16 weight, the high byte of each 16-bit word holds the sign and
+most of the exponent, and the low byte the mantissa. The exponents of a weight matrix take
+few values, so the plane of high bytes compresses to about a third of its size with zstd at
+level 1, while the plane of low bytes is close to random and is stored as is: the file shrinks
+by about 30 %, and a load that waits on the disk finishes that much sooner.
+
+A data file is stored frame by frame, one frame per checksum chunk:
+
+    split frame: [the chunk's low bytes: n/2][zstd frame of its high bytes][zeros to ALIGNMENT]
+    plain frame: the chunk's n bytes as they are (where splitting would not save a block)
+
+so every frame starts at an ALIGNMENT boundary and a run of frames is one O_DIRECT read. The
+manifest lists each frame's compressed length (0 for a plain frame); the checksums stay those
+of the chunk's own bytes, so a decoded chunk is checked against the same sums as an
+uncompressed one. The GPU loader copies the two planes of a split frame to the GPU and weaves
+them there; `read_into` decodes on the CPU (the CPU path, `verify`, the DRAM tier).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sllmctl.store.format import DataFile, align_up
+
+if TYPE_CHECKING:
+    import torch
+
+ENCODING = "split-zstd"
+LEVEL = 1  # zstd level: higher levels save about 1 % more of a plane and compress 2-4x slower
+UNDECODABLE = "undecodable"  # the checksum reported for a frame that does not decode
+
+
+class FrameError(ValueError):
+    """A stored frame that does not decode to its chunk's length."""
+
+
+# ---------------------------------------------------------------- layout
+
+def frame_lengths(f: DataFile, chunk: int) -> list[int]:
+    """Each frame's length on disk (where `f` is encoded)."""
+    assert f.frames is not None
+    out = []
+    for i, z in enumerate(f.frames):
+        n = min(chunk, f.size - i * chunk)
+        out.append(n if z == 0 else align_up(n // 2 + z))
+    return out
+
+
+class Layout:
+    """Where each chunk of an encoded data file lies on disk."""
+
+    def __init__(self, f: DataFile, chunk: int) -> None:
+        assert f.frames is not None
+        self.file, self.chunk = f, chunk
+        self.starts = np.concatenate(([0], np.cumsum(frame_lengths(f, chunk)))).astype(np.int64)
+
+    def stored_range(self, offset: int, length: int) -> tuple[int, int]:
+        """The bytes on disk holding chunks [offset, offset + length) (chunk-aligned start)."""
+        first, last = offset // self.chunk, -(-(offset + length) // self.chunk)
+        return int(self.starts[first]), int(self.starts[last])
+
+    def frames(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """(chunk index, logical length, offset on disk, compressed length or 0) for each
+        chunk of [offset, offset + length)."""
+        first, last = offset // self.chunk, -(-(offset + length) // self.chunk)
+        assert self.file.frames is not None
+        return [(i, min(self.chunk, self.file.size - i * self.chunk), int(self.starts[i]),
+                 self.file.frames[i]) for i in range(first, last)]
+
+
+# ---------------------------------------------------------------- encoding
+
+def encode_chunk(data: np.ndarray) -> tuple[int, list[Any]]:
+    """(compressed length or 0, the frame's bytes in parts) for one chunk of even length."""
+    import zstandard
+
+    n = len(data)
+    pairs = data.reshape(-1, 2)
+    z = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(
+        np.ascontiguousarray(pairs[:, 1]).data)
+    stored = align_up(n // 2 + len(z))
+    if stored >= n:
+        return 0, [data]
+    return len(z), [np.ascontiguousarray(pairs[:, 0]), z, bytes(stored - n // 2 - len(z))]
+
+
+# ---------------------------------------------------------------- decoding
+
+def decompress_into(src: Any, dst: Any) -> None:
+    """Decompress the zstd frame in `src` into all of `dst` (writable buffers); FrameError
+    if it does not hold exactly len(dst) bytes."""
+    import zstandard
+
+    out = memoryview(dst).cast("B")
+    want = len(out)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(src) as r:
+            got = 0
+            while got < want:
+                k = r.readinto(out[got:])
+                if not k:
+                    break
+                got += k
+            extra = r.read(1) if got == want else b""
+    except zstandard.ZstdError as e:
+        raise FrameError(f"zstd: {e}") from None
+    if got != want or extra:
+        raise FrameError(f"decodes to {'more than ' if extra else ''}{got} bytes, not {want}")
+
+
+def weave(lo: np.ndarray, hi: np.ndarray, out: np.ndarray) -> None:
+    """out[2i] = lo[i], out[2i + 1] = hi[i] (the CPU twin of the GPU's weave)."""
+    words = out.view(np.uint16)  # little-endian: the high byte is the second
+    np.left_shift(hi, 8, out=words, dtype=np.uint16)
+    np.bitwise_or(words, lo, out=words)
+
+
+def decode_frame(stored: np.ndarray, n: int, z: int, out: np.ndarray) -> None:
+    """A frame's `n` bytes into `out`, from its bytes on disk (`stored`)."""
+    if z == 0:
+        out[:] = stored[:n]
+        return
+    h = n // 2
+    hi = np.empty(h, dtype=np.uint8)
+    decompress_into(stored[h:h + z], hi)
+    weave(stored[:h], hi, out)
+
+
+def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: np.ndarray,
+              threads: int) -> tuple[int, list[str]]:
+    """Read and decode chunks [offset, offset + length) of an encoded data file into `out`;
+    (logical bytes read, the checksum of each chunk read). A chunk cut short by the end of
+    the file ends the count; one that does not decode gets the checksum UNDECODABLE."""
+    from sllmctl import native
+
+    frames = Layout(f, chunk).frames(offset, length)
+
+    def one(fr: tuple[int, int, int, int]) -> tuple[int, str]:
+        i, n, at, z = fr
+        size = n if z == 0 else align_up(n // 2 + z)
+        stored = np.empty(size, dtype=np.uint8)
+        got = native.pread_into(fd, stored.ctypes.data, size, at, 1)
+        if got != size:
+            return 0, ""
+        dst = out[i * chunk - offset:i * chunk - offset + n]
+        try:
+            decode_frame(stored, n, z, dst)
+        except FrameError:
+            return n, UNDECODABLE
+        return n, native.checksum(dst.ctypes.data, n)
+
+    with ThreadPoolExecutor(max(1, min(threads, len(frames)))) as ex:
+        results = list(ex.map(one, frames))
+    read, sums = 0, []
+    for n, s in results:
+        if not s:
+            break
+        read += n
+        sums.append(s)
+    return read, sums
+
+
+def split_piece(model: Any, file: int, offset: int, length: int, buf: torch.Tensor,
+                start: int, layout: Layout) -> list[tuple[int, int, Any, Any]]:
+    """A piece's frames, read from disk into `buf` (from byte `start` of the file), made
+    ready for the GPU: each split frame's high bytes are decompressed into `buf` past the
+    stored bytes. Returns (offset in file, length, low bytes or whole chunk, high bytes or
+    None) per frame; CorruptCheckpoint names a frame that does not decode."""
+    from sllmctl.errors import CorruptCheckpoint
+    from sllmctl.store.reader import reconvert_hint
+
+    out: list[tuple[int, int, Any, Any]] = []
+    spare = length  # stored bytes never exceed the logical ones; the high planes go after
+    for i, n, at, z in layout.frames(offset, length):
+        rel = at - start
+        if z == 0:
+            out.append((i * layout.chunk, n, buf[rel:rel + n], None))
+            continue
+        h = n // 2
+        hi = buf[spare:spare + h]
+        try:
+            decompress_into(buf[rel + h:rel + h + z].numpy(), hi.numpy())
+        except FrameError as e:
+            raise CorruptCheckpoint(
+                f"model {model.name}: data file {layout.file.path} chunk {i} does not "
+                f"decode ({e})", hint=reconvert_hint(model)) from None
+        out.append((i * layout.chunk, n, buf[rel:rel + h], hi))
+        spare += h
+    return out
+
+
+def host_bytes_needed(length: int) -> int:
+    """Bytes of host buffer `split_piece` needs for a piece of `length` logical bytes."""
+    return length + length // 2
+
