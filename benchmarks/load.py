@@ -3,12 +3,14 @@
     python benchmarks/load.py [--layers 32] [--dir bench-data] [--peers all]
 
 Generates a random Llama-3.1-8B-shaped bf16 checkpoint (5 safetensors shards, real shapes;
-fewer layers with --layers for a quick run), converts it with sllmctl, then prints:
+fewer layers with --layers for a quick run), converts it with sllmctl (plain, and a copy with
+--compress), then prints:
   - the limits: one pinned host->GPU copy, and the disk's O_DIRECT read rate;
   - time to a usable state dict on the GPU (allocation, copies, views, checksums for
     sllmctl) and GB/s for sllmctl, safetensors load_file(device="cuda"),
     runai-model-streamer, fastsafetensors (nogds) and instanttensor, each cold (page cache
-    dropped) and warm (page cache hot), and sllmctl's in-memory mode (chunks already pinned);
+    dropped) and warm (page cache hot), sllmctl for both copies, and sllmctl's in-memory
+    mode (chunks already pinned);
   - ratios against the limits and against the best peer of the same run.
 Writes the figures as JSON under benchmarks/results/. Needs root (drop_caches) and CUDA.
 """
@@ -55,7 +57,7 @@ def bench_daemon(name: str, model_bytes: int, limit: float, results: dict[str, A
             if dram and dram["allocated"] >= dram["capacity"]:
                 break
             time.sleep(0.2)
-        print(f"daemon: DRAM pool of {dram['capacity'] / GB:.1f} GB pinned "
+        print(f"daemon ({name}): DRAM pool of {dram['capacity'] / GB:.1f} GB pinned "
               f"{time.perf_counter() - t0:.1f} s after start", flush=True)
 
         def warm_gpu() -> tuple[float, dict[str, Any]]:
@@ -168,6 +170,12 @@ def main() -> int:
     ap.add_argument("--sections", default="direct,memory,daemon",
                     help="which parts to run: direct (loaders from disk), memory (in-memory "
                     "mode), daemon (warm --tier gpu through the daemon)")
+    ap.add_argument("--no-compressed", action="store_true",
+                    help="skip the copy converted with --compress (exponent bytes in zstd)")
+    ap.add_argument("--daemon-compressed", action="store_true",
+                    help="the daemon section warms the --compress copy (needs it)")
+    ap.add_argument("--other-read-setting", action="store_true",
+                    help="also time O_DIRECT reads of 16 pieces x 1 thread x 16 MiB")
     ap.add_argument("--small-files", action="store_true",
                     help="also time the in-memory mode on a copy converted into 1 GiB files")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -194,10 +202,26 @@ def main() -> int:
           f"{len(data_files)} data files (converted in {convert_s:.0f} s); native I/O: "
           f"{native.NATIVE}", flush=True)
 
+    zmodel, zfiles = None, []
+    if not args.no_compressed:
+        zname = f"{name}-z"
+        t0 = time.perf_counter()
+        if not store.exists(zname):
+            convert(args.dir / "src", zname, compress=True)
+        zmodel = store.get(zname)
+        zfiles = [zmodel.path / f.path for f in zmodel.manifest.files]
+        stored = sum(f.on_disk for f in zmodel.manifest.files)
+        results_z = {"stored_bytes": stored, "convert_s": time.perf_counter() - t0}
+        print(f"compressed copy ({zname}): {stored / GB:.2f} GB on disk, "
+              f"{100 * stored / model_bytes:.1f} % of {model_bytes / GB:.2f} GB (converted in "
+              f"{results_z['convert_s']:.0f} s)", flush=True)
+
     # grow the VM's memory once, so no loader pays the first touch of page cache memory
-    warm_files(shards + data_files)
+    warm_files(shards + data_files + zfiles)
     pool = PinnedPool(eager=True)  # made once, before any timing, as a daemon keeps it
     results: dict[str, Any] = {"limits": {}, "runs": []}
+    if zmodel is not None:
+        results["compressed"] = results_z
     limit = pinned_copy_limit()
     results["limits"]["pinned_h2d_GBps"] = limit
     print(f"pinned host->GPU copy limit: {limit:.1f} GB/s", flush=True)
@@ -220,11 +244,15 @@ def main() -> int:
     if "direct" in sections:
         loaders: list[tuple[str, Callable[[], dict[str, torch.Tensor]], list[Path]]] = [
             ("sllmctl", lambda: load_to_gpu(model, "cuda:0", pool=pool), data_files)]
-        # the other read setting that disk_sweep.py favoured (16 pieces, one thread each, in
-        # 16 MiB preads), for comparison
-        loaders.append(("sllmctl (O_DIRECT 16x1x16MiB)", lambda: load_to_gpu(
-            model, "cuda:0", pool=pool, direct=True, readers=16, read_threads=1,
-            read_piece=16 << 20), data_files))
+        if zmodel is not None:
+            loaders.append(("sllmctl --compress", lambda: load_to_gpu(zmodel, "cuda:0",
+                                                                      pool=pool), zfiles))
+        if args.other_read_setting:
+            # the other read setting that disk_sweep.py favoured (16 pieces, one thread each,
+            # in 16 MiB preads), for comparison
+            loaders.append(("sllmctl (O_DIRECT 16x1x16MiB)", lambda: load_to_gpu(
+                model, "cuda:0", pool=pool, direct=True, readers=16, read_threads=1,
+                read_piece=16 << 20), data_files))
         for peer in peers:
             try:
                 __import__({"runai-model-streamer": "runai_model_streamer"}.get(peer, peer))
@@ -316,7 +344,11 @@ def main() -> int:
 
     if "daemon" in sections:
         try:
-            bench_daemon(name, model_bytes, limit, results, record)
+            if args.daemon_compressed and zmodel is not None:
+                results["daemon_model"] = zmodel.name
+                bench_daemon(zmodel.name, model_bytes, limit, results, record)
+            else:
+                bench_daemon(name, model_bytes, limit, results, record)
         except Exception as e:  # reported and saved with the rest of the run, then exit 1
             results["daemon_error"] = f"{type(e).__name__}: {e}"
             print(f"daemon section failed: {results['daemon_error']}", flush=True)
@@ -336,23 +368,31 @@ def main() -> int:
     print("\nsummary", flush=True)
     summary = {}
     for mode in ("cold", "warm"):
-        ours = next((r for r in results["runs"] if r["loader"] == "sllmctl"
-                     and r["mode"] == mode), None)
-        if ours is None:
-            continue
-        peer_runs = [r for r in results["runs"] if r.get("mode") == mode and "error" not in r
-                     and not r["loader"].startswith("sllmctl")]
-        bp = min(peer_runs, key=lambda r: r["median_s"]) if peer_runs else None
-        line = f"  {mode}: sllmctl {ours['median_s']:.3f} s ({ours['GBps']:.2f} GB/s)"
-        if bp:
-            summary[f"{mode}_speedup_vs_best_peer"] = bp["median_s"] / ours["median_s"]
-            line += f", best peer {bp['loader']} {bp['median_s']:.3f} s " \
-                    f"(sllmctl {bp['median_s'] / ours['median_s']:.2f}x faster)"
-        if mode == "cold":
-            summary["cold_vs_disk"] = ours["GBps"] / max(disk, buffered)
-            line += (f"; {100 * ours['GBps'] / max(disk, buffered):.1f} % of the disk's read "
-                     "rate (the faster of O_DIRECT and buffered)")
-        print(line)
+        for loader, key in (("sllmctl", ""), ("sllmctl --compress", "compressed_")):
+            ours = next((r for r in results["runs"] if r["loader"] == loader
+                         and r.get("mode") == mode and "error" not in r), None)
+            if ours is None:
+                continue
+            peer_runs = [r for r in results["runs"] if r.get("mode") == mode
+                         and "error" not in r and not r["loader"].startswith("sllmctl")]
+            bp = min(peer_runs, key=lambda r: r["median_s"]) if peer_runs else None
+            line = f"  {mode}: {loader} {ours['median_s']:.3f} s ({ours['GBps']:.2f} GB/s)"
+            if bp:
+                summary[f"{key}{mode}_speedup_vs_best_peer"] = bp["median_s"] / ours["median_s"]
+                line += f", best peer {bp['loader']} {bp['median_s']:.3f} s " \
+                        f"({loader} {bp['median_s'] / ours['median_s']:.2f}x faster)"
+            if mode == "cold":
+                # for the compressed copy: the model's bytes per second against the disk's,
+                # and the bytes it read from disk per second
+                rate = max(disk, buffered)
+                summary[f"{key}cold_vs_disk"] = ours["GBps"] / rate
+                line += (f"; {100 * ours['GBps'] / rate:.1f} % of the disk's read rate (the "
+                         "faster of O_DIRECT and buffered)")
+                if key:
+                    read = results["compressed"]["stored_bytes"] / ours["median_s"] / GB
+                    summary["compressed_cold_read_GBps"] = read
+                    line += f", reading {read:.2f} GB/s from it"
+            print(line)
     for mode in ("verified", "verified+cached"):
         mem = best(mode, "sllmctl in-memory")
         if mem:
