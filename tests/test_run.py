@@ -55,6 +55,21 @@ def test_run_answers_with_paris(demo: str) -> None:
     assert quiet.stdout.strip() == d["text"]
 
 
+def test_the_demo_compressed_answers_the_same(demo: str) -> None:
+    """`convert --compress` of the demo model: about two thirds of the bytes on disk, and
+    the same greedy answer as the plain copy (the weights decode bit for bit)."""
+    from sllmctl.demo import demo_gguf
+
+    r = sllmctl("convert", str(demo_gguf()), "--name", "demo-z", "--compress", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["stored_bytes"] < 0.75 * data["bytes"]
+    plain = json.loads(sllmctl("run", demo, QUESTION, "--json").stdout)
+    small = json.loads(sllmctl("run", "demo-z", QUESTION, "--json").stdout)
+    assert "Paris" in small["text"] and small["text"] == plain["text"]
+    assert sllmctl("rm", "demo-z", "--yes").returncode == 0
+
+
 def test_run_limits_and_stop_strings(demo: str) -> None:
     d = json.loads(sllmctl("run", demo, QUESTION, "--json", "--max-tokens", "3").stdout)
     assert d["finish_reason"] == "length" and d["usage"]["completion_tokens"] == 3

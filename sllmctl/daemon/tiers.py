@@ -50,6 +50,8 @@ SLAB = 64 << 20  # bytes; a multiple of the checksum chunk
 # memory grows on first touch) twice left `status` unanswered for 1.5 s while the pool was
 # pinned. Copies from the tier are 256 MiB at most anyway.
 REGION = 256 << 20
+READ_AT_ONCE = 4  # pieces being read into the DRAM tier at once
+READ_THREADS = 4  # threads per piece (preads, or frames decoded)
 Progress = Callable[[str, int, int], None]
 
 
@@ -202,23 +204,37 @@ class DramTier:
         return entry, True
 
     def _read(self, model: StoredModel, entry: DramEntry, progress: Progress) -> None:
+        """Read the model's pieces into its slabs, READ_AT_ONCE pieces at a time (a
+        compressed model's are decoded on the CPU, frame by frame, in parallel too), each
+        checked against its chunk sums."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
         chunk = model.manifest.chunk_size
         fds = [open_data(model, f) for f in model.manifest.files]
+
+        def one(piece: Piece, slab: int) -> int:
+            buf = self.slabs[slab]
+            f = model.manifest.files[piece.file]
+            n, sums = read_verify(model, f, fds[piece.file], buf.data_ptr(), piece.length,
+                                  piece.offset, READ_THREADS)
+            if n != piece.length:
+                raise CorruptCheckpoint(
+                    f"model {model.name}: data file {f.path} ended after byte "
+                    f"{piece.offset + n}", hint=reconvert_hint(model))
+            check_chunks(model, f, piece.offset // chunk, sums)
+            return n
+
         done = 0
         try:
-            for piece, slab in entry.pieces:
-                buf = self.slabs[slab]
-                f = model.manifest.files[piece.file]
-                n, sums = read_verify(model, f, fds[piece.file], buf.data_ptr(), piece.length,
-                                      piece.offset, 4 if f.encoding is None else 8)
-                if n != piece.length:
-                    raise CorruptCheckpoint(
-                        f"model {model.name}: data file {f.path} ended after byte "
-                        f"{piece.offset + n}", hint=reconvert_hint(model))
-                check_chunks(model, f, piece.offset // chunk, sums)
-                done += piece.length
-                progress("reading", done, entry.nbytes)
+            with ThreadPoolExecutor(READ_AT_ONCE, thread_name_prefix="sllmctl-dram") as ex:
+                futures = [ex.submit(one, piece, slab) for piece, slab in entry.pieces]
+                try:
+                    for fut in as_completed(futures):
+                        done += fut.result()
+                        progress("reading", done, entry.nbytes)
+                finally:
+                    for fut in futures:
+                        fut.cancel()
         finally:
             for fd in fds:
                 os.close(fd)
