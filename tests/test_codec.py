@@ -219,3 +219,25 @@ def test_cli_convert_compress_and_show(src: Path) -> None:
     assert "on disk (compressed)" in run("show", "small").stdout
     assert "on disk" in run("convert", str(src), "--name", "small", "--compress",
                             "--force").stdout
+
+
+def test_a_failed_compressed_conversion_leaves_no_encoder_behind(
+        src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from sllmctl.store import writer
+
+    real = writer._tensor_bytes
+    seen: list[str] = []
+
+    def failing(tensor, dtype):  # type: ignore[no-untyped-def]
+        seen.append(tensor.name)
+        if len(seen) == 3:  # after two tensors, whose chunks are being encoded
+            raise OSError(28, "No space left on device")
+        return real(tensor, dtype)
+
+    monkeypatch.setattr(writer, "_tensor_bytes", failing)
+    with pytest.raises(OSError, match="No space left"):
+        convert(src, "small", compress=True)
+    assert not Store().exists("small")
+    assert not [t for t in threading.enumerate() if t.name.startswith("sllmctl-encode")]

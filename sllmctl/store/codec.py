@@ -192,9 +192,3 @@ def split_piece(model: Any, file: int, offset: int, length: int, buf: torch.Tens
         out.append((i * layout.chunk, n, buf[rel:rel + h], hi))
         spare += h
     return out
-
-
-def host_bytes_needed(length: int) -> int:
-    """Bytes of host buffer `split_piece` needs for a piece of `length` logical bytes."""
-    return length + length // 2
-

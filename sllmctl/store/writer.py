@@ -105,21 +105,27 @@ def _write(
         on_total(sum(align_up(e.nbytes) for _, e in plan.entries))
     files: list[DataFile] = []
     writer: _ChunkWriter | None = None
-    for tensor, entry in plan.entries:
-        if writer is None or entry.file != len(files):
-            if writer is not None:
-                files.append(writer.close())
-            writer = _ChunkWriter(folder / f"data-{entry.file:05d}.bin", compress)
-        data = _tensor_bytes(tensor, entry.dtype)
-        if len(data) != entry.nbytes:
-            raise SllmError(f"tensor {tensor.name!r}: source holds {len(data)} bytes, "
-                            f"expected {entry.nbytes} for its shape")
-        writer.pad_to(entry.offset)
-        writer.write(data)
-        if progress:
-            progress(align_up(entry.nbytes))
-    if writer is not None:
-        files.append(writer.close())
+    try:
+        for tensor, entry in plan.entries:
+            if writer is None or entry.file != len(files):
+                if writer is not None:
+                    files.append(writer.close())
+                writer = None
+                writer = _ChunkWriter(folder / f"data-{entry.file:05d}.bin", compress)
+            data = _tensor_bytes(tensor, entry.dtype)
+            if len(data) != entry.nbytes:
+                raise SllmError(f"tensor {tensor.name!r}: source holds {len(data)} bytes, "
+                                f"expected {entry.nbytes} for its shape")
+            writer.pad_to(entry.offset)
+            writer.write(data)
+            if progress:
+                progress(align_up(entry.nbytes))
+        if writer is not None:
+            files.append(writer.close())
+            writer = None
+    finally:
+        if writer is not None:  # a failure part-way: no thread or descriptor left behind
+            writer.abort()
     extra = _write_extra_files(folder, source.extra_files)
     provenance = {
         **source.provenance,
@@ -315,6 +321,11 @@ class _ChunkWriter:
                 view = view[n:]
         except OSError as e:  # a full disk: name the file being written
             raise OSError(e.errno, e.strerror, str(self.path)) from None
+
+    def abort(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        self.f.close()
 
     def close(self) -> DataFile:
         try:
