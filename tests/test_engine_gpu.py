@@ -67,8 +67,8 @@ def test_graph_decode_equals_eager() -> None:
     assert engine.graphs.graphs == {}
 
 
-@pytest.fixture
-def stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(params=[False, True], ids=["plain", "compressed"])
+def stored(tmp_path: Path, request: pytest.FixtureRequest) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from sllmctl.store.writer import convert
@@ -83,7 +83,7 @@ def stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(src / "tokenizer.json"))
     (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2"}))
-    convert(src, "pipe")
+    convert(src, "pipe", compress=request.param)
     return "pipe"
 
 
@@ -106,17 +106,23 @@ def test_pipelined_load_answers_like_a_finished_one(stored: str) -> None:
 
 def test_pipelined_load_refuses_corrupt_weights(stored: str) -> None:
     from sllmctl.engine.chat import ChatModel, Params
+    from sllmctl.store.codec import Layout
     from sllmctl.store.gpu_loader import start_load_to_gpu
     from sllmctl.store.store import Store
 
     model = Store().get(stored)
     last = model.manifest.tensors["model.layers.11.mlp.down_proj.weight"]
-    path = model.path / model.manifest.files[last.file].path
-    with open(path, "r+b") as f:
-        f.seek(last.offset + 100)
-        byte = f.read(1)
-        f.seek(last.offset + 100)
-        f.write(bytes([byte[0] ^ 0x40]))
+    f = model.manifest.files[last.file]
+    pos = last.offset + 100
+    if f.frames is not None:  # compressed: where that byte is stored
+        chunk, rest = divmod(pos, model.manifest.chunk_size)
+        start = int(Layout(f, model.manifest.chunk_size).starts[chunk])
+        pos = start + (rest if f.frames[chunk] == 0 else rest // 2)  # an even byte: low
+    with open(model.path / f.path, "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([byte[0] ^ 0x40]))
     chat = ChatModel.from_loading(stored, start_load_to_gpu(model, "cuda"))
     chat.start_batching(slots=2)
     with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
