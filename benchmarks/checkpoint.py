@@ -122,3 +122,16 @@ def warm_files(paths: list[Path]) -> None:
         with open(p, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
+
+
+def compressed_copy(folder: Path, model: Any) -> tuple[Any, float]:
+    """The benchmark model converted again with --compress (made if missing), and the
+    seconds that took."""
+    from sllmctl.store.store import Store
+    from sllmctl.store.writer import convert
+
+    name, store = f"{model.name}-z", Store()
+    t0 = time.perf_counter()
+    if not store.exists(name):
+        convert(folder / "src", name, compress=True)
+    return store.get(name), time.perf_counter() - t0

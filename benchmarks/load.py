@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from checkpoint import GB, drop_caches, prepare, save_results, warm_files
+from checkpoint import GB, compressed_copy, drop_caches, prepare, save_results, warm_files
 from limits import (
     PairedLimit,
     chunked_copy_seconds,
@@ -204,15 +204,11 @@ def main() -> int:
 
     zmodel, zfiles = None, []
     if not args.no_compressed:
-        zname = f"{name}-z"
-        t0 = time.perf_counter()
-        if not store.exists(zname):
-            convert(args.dir / "src", zname, compress=True)
-        zmodel = store.get(zname)
+        zmodel, zconvert_s = compressed_copy(args.dir, model)
         zfiles = [zmodel.path / f.path for f in zmodel.manifest.files]
         stored = sum(f.on_disk for f in zmodel.manifest.files)
-        results_z = {"stored_bytes": stored, "convert_s": time.perf_counter() - t0}
-        print(f"compressed copy ({zname}): {stored / GB:.2f} GB on disk, "
+        results_z = {"stored_bytes": stored, "convert_s": zconvert_s}
+        print(f"compressed copy ({zmodel.name}): {stored / GB:.2f} GB on disk, "
               f"{100 * stored / model_bytes:.1f} % of {model_bytes / GB:.2f} GB (converted in "
               f"{results_z['convert_s']:.0f} s)", flush=True)
 
