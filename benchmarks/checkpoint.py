@@ -4,9 +4,11 @@ the page cache dropped or filled."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -135,3 +137,21 @@ def compressed_copy(folder: Path, model: Any) -> tuple[Any, float]:
     if not store.exists(name):
         convert(folder / "src", name, compress=True)
     return store.get(name), time.perf_counter() - t0
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line, with the options they all take: --layers (32 is the
+    Llama-3.1-8B shape), --dir (where the checkpoint lives) and --out (the results)."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    ap.add_argument("--layers", type=int, default=32, help="32 is the Llama-3.1-8B shape")
+    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return ap
+
+
+def have_cuda() -> bool:
+    """Whether a CUDA GPU is here; says so on stderr when not."""
+    if torch.cuda.is_available():
+        return True
+    print("needs a CUDA GPU", file=sys.stderr)
+    return False

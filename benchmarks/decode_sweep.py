@@ -9,7 +9,6 @@ Uses (and makes, if missing) the checkpoint and compressed copy of benchmarks/lo
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -19,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoint import GB, compressed_copy, prepare, save_results, warm_files
+from checkpoint import GB, arguments, compressed_copy, have_cuda, prepare, save_results, warm_files
 from limits import timed
 
 READERS = (8, 16, 24, 32)
@@ -52,14 +50,10 @@ def decode_rate(model: Any, threads: int, frames: int = 64) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
+    ap = arguments(__doc__)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if not have_cuda():
         return 1
     _, model, _, _ = prepare(args.dir, args.layers)
     zmodel, _ = compressed_copy(args.dir, model)

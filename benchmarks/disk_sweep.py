@@ -10,7 +10,6 @@ order. Uses (and makes, if missing) the checkpoint of benchmarks/load.py. Needs 
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoint import GB, drop_caches, prepare, save_results
+from checkpoint import GB, arguments, drop_caches, prepare, save_results
 
 PIECE = 64 << 20
 # (pieces read at once, threads per piece, bytes per pread, O_DIRECT)
@@ -67,12 +66,9 @@ def read_span(files: list[Path], start: int, span: int, readers: int, threads: i
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
+    ap = arguments(__doc__)
     ap.add_argument("--span-gib", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     _, model, _, _ = prepare(args.dir, args.layers)
     files = [model.path / f.path for f in model.manifest.files]

@@ -17,7 +17,6 @@ Writes the figures as JSON under benchmarks/results/. Needs root (drop_caches) a
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import os
@@ -31,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from checkpoint import GB, compressed_copy, drop_caches, prepare, save_results, warm_files
+from checkpoint import (
+    GB,
+    arguments,
+    compressed_copy,
+    drop_caches,
+    have_cuda,
+    prepare,
+    save_results,
+    warm_files,
+)
 from limits import (
     PairedLimit,
     chunked_copy_seconds,
@@ -161,9 +169,7 @@ def version_of(module: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=32, help="32 is the Llama-3.1-8B shape")
-    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
+    ap = arguments(__doc__)
     ap.add_argument("--peers", default="all", help="comma list, 'all' or 'none'")
     ap.add_argument("--warm-repeats", type=int, default=3)
     ap.add_argument("--cold-rounds", type=int, default=2)
@@ -178,10 +184,8 @@ def main() -> int:
                     help="also time O_DIRECT reads of 16 pieces x 1 thread x 16 MiB")
     ap.add_argument("--small-files", action="store_true",
                     help="also time the in-memory mode on a copy converted into 1 GiB files")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if not have_cuda():
         return 1
 
     shards, model, gen_s, convert_s = prepare(args.dir, args.layers)

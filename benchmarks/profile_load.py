@@ -11,7 +11,6 @@ Uses (and makes, if missing) the same random checkpoint as benchmarks/load.py. N
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoint import GB, prepare, save_results
+from checkpoint import GB, arguments, have_cuda, prepare, save_results
 from limits import free_gpu, pinned_copy_limit
 
 
@@ -50,14 +49,10 @@ def copies_alone(pieces: list[tuple[Any, torch.Tensor]], dst: list[torch.Tensor]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
+    ap = arguments(__doc__)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if not have_cuda():
         return 1
     _, model, _, _ = prepare(args.dir, args.layers)
     from sllmctl.store.gpu_copy import GpuLoad

@@ -13,7 +13,6 @@ as root). Writes JSON under benchmarks/results/.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import http.client
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoint import drop_caches, generate, save_results
+from checkpoint import arguments, drop_caches, generate, save_results
 from limits import free_gpu
 
 
@@ -207,17 +206,14 @@ def bench_ttft(name: str, model_bytes: int, results: dict[str, Any], pipelined: 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arguments(__doc__)
     ap.add_argument("--model", help="a stored model (default: generate the 8B shape)")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--ttft-from", default="dram,disk", help="tiers to time TTFT from")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-eager", action="store_true", help="on CUDA, time graphs only")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     device = torch.device(args.device)
     from sllmctl.engine.chat import ChatModel
