@@ -241,3 +241,17 @@ def test_a_failed_compressed_conversion_leaves_no_encoder_behind(
         convert(src, "small", compress=True)
     assert not Store().exists("small")
     assert not [t for t in threading.enumerate() if t.name.startswith("sllmctl-encode")]
+
+
+def test_without_zstandard_the_error_is_one_line(src: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from sllmctl.errors import SllmError
+
+    convert(src, "small", compress=True)
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
+    with pytest.raises(SllmError, match="need the zstandard package"):
+        sllmctl.load_state_dict("small")
+    with pytest.raises(SllmError, match="need the zstandard package"):
+        convert(src, "again", compress=True)

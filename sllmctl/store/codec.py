@@ -75,10 +75,21 @@ class Layout:
 
 # ---------------------------------------------------------------- encoding
 
+def _zstd() -> Any:
+    """The zstandard module, or a one-line error saying how to get it."""
+    try:
+        import zstandard
+    except ImportError:
+        from sllmctl.errors import SllmError
+
+        raise SllmError("compressed models need the zstandard package, which is not installed",
+                        hint="python3 -m pip install zstandard") from None
+    return zstandard
+
+
 def encode_chunk(data: np.ndarray) -> tuple[int, list[Any]]:
     """(compressed length or 0, the frame's bytes in parts) for one chunk of even length."""
-    import zstandard
-
+    zstandard = _zstd()
     n = len(data)
     pairs = data.reshape(-1, 2)
     z = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(
@@ -94,8 +105,7 @@ def encode_chunk(data: np.ndarray) -> tuple[int, list[Any]]:
 def decompress_into(src: Any, dst: Any) -> None:
     """Decompress the zstd frame in `src` into all of `dst` (writable buffers); FrameError
     if it does not hold exactly len(dst) bytes."""
-    import zstandard
-
+    zstandard = _zstd()
     out = memoryview(dst).cast("B")
     want = len(out)
     try:
