@@ -20,7 +20,7 @@ _sllmctl() {
     fi
     local opts="" arg=none
     case "$sub" in
-        convert) opts='--name -n --dtype --force --compress --json --quiet -q --help'; arg=path ;;
+        convert) opts='--name -n --dtype --force --compress --no-compress --json --quiet -q --help'; arg=path ;;
         daemon) opts=' --help'; arg=none ;;
         demo) opts='--force --json --quiet -q --help'; arg=none ;;
         ls) opts='--json --quiet -q --help'; arg=none ;;

@@ -11,7 +11,7 @@ complete -c sllmctl -n __fish_use_subcommand -a convert -d 'Convert a checkpoint
 complete -c sllmctl -n '__fish_seen_subcommand_from convert' -l name -s n -r -d 'Name in the store.'
 complete -c sllmctl -n '__fish_seen_subcommand_from convert' -l dtype -r -d 'Cast floating-point weights\: bf16, f16, f32 (GGUF default\: bf16).'
 complete -c sllmctl -n '__fish_seen_subcommand_from convert' -l force -d 'Replace a model of that name.'
-complete -c sllmctl -n '__fish_seen_subcommand_from convert' -l compress -d 'Store the exponent bytes zstd-compressed\: about 30 % fewer bytes to read for bf16/f16 weights, for disks slower than decoding (about 1 GB/s per core).'
+complete -c sllmctl -n '__fish_seen_subcommand_from convert' -l compress -l no-compress -d 'Store the exponent bytes zstd-compressed\: about 30 % fewer bytes to read for bf16/f16 weights, for disks slower than decoding (about 0.7-1 GB/s per core). Default\: off; SLLMCTL_COMPRESS=1 or `compress = true` in the config file.'
 complete -c sllmctl -n '__fish_seen_subcommand_from convert' -l json -d 'Print one JSON document on stdout.'
 complete -c sllmctl -n '__fish_seen_subcommand_from convert' -l quiet -s q -d 'Print nothing but errors.'
 complete -c sllmctl -n '__fish_seen_subcommand_from convert' -F

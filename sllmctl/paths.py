@@ -5,6 +5,8 @@
 | home        | SLLMCTL_HOME        | home        | ~/.sllmctl                                 |
 | runtime dir | SLLMCTL_RUNTIME_DIR | runtime_dir | $XDG_RUNTIME_DIR/sllmctl, /tmp/sllmctl-UID |
 | config file | SLLMCTL_CONFIG      |             | ~/.config/sllmctl/config.toml              |
+| autostart   | SLLMCTL_AUTOSTART   | autostart   | on (the daemon starts on first use)        |
+| compress    | SLLMCTL_COMPRESS    | compress    | off (`convert` writes plain data files)    |
 
 The store lives under `<home>/models`. Nothing is read until a command needs it.
 """
@@ -56,6 +58,15 @@ def setting(key: str, env: str, default: str) -> str:
         return os.environ[env]
     value = config().get(key)
     return str(value) if value is not None else default
+
+
+def switch(key: str, env: str, default: bool, flag: bool | None = None) -> bool:
+    """An on/off setting: the flag when given, else the environment or config file, where
+    0, false, no and off (any case) mean off and anything else on."""
+    if flag is not None:
+        return flag
+    value = setting(key, env, "1" if default else "0").strip().lower()
+    return value not in ("0", "false", "no", "off")
 
 
 def home() -> Path:

@@ -255,3 +255,23 @@ def test_without_zstandard_the_error_is_one_line(src: Path,
         sllmctl.load_state_dict("small")
     with pytest.raises(SllmError, match="need the zstandard package"):
         convert(src, "again", compress=True)
+
+
+def test_compress_setting_from_environment_and_config(src: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def stored_as(name: str, *flags: str, **env: str) -> str | None:
+        r = subprocess.run([sys.executable, "-m", "sllmctl", "convert", str(src), "--name", name,
+                            *flags, "--json"], capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return Store().get(name).manifest.files[0].encoding
+
+    assert stored_as("a") is None
+    assert stored_as("b", SLLMCTL_COMPRESS="1") == codec.ENCODING
+    assert stored_as("c", "--no-compress", SLLMCTL_COMPRESS="1") is None
+    config = tmp_path / "config.toml"
+    config.write_text("compress = true\n")
+    assert stored_as("d", SLLMCTL_CONFIG=str(config)) == codec.ENCODING
+    assert stored_as("e", SLLMCTL_CONFIG=str(config), SLLMCTL_COMPRESS="off") is None

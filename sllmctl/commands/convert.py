@@ -22,17 +22,21 @@ def command(
         typer.Option(help="Cast floating-point weights: bf16, f16, f32 (GGUF default: bf16)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a model of that name.")] = False,
-    compress: Annotated[bool, typer.Option(
-        "--compress",
+    compress: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--compress/--no-compress",
         help="Store the exponent bytes zstd-compressed: about 30 % fewer bytes to read for "
-             "bf16/f16 weights, for disks slower than decoding (about 1 GB/s per core).")
-    ] = False,
+             "bf16/f16 weights, for disks slower than decoding (about 0.7-1 GB/s per core). "
+             "Default: off; SLLMCTL_COMPRESS=1 or `compress = true` in the config file.")
+    ] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert a checkpoint (safetensors, PyTorch .bin, GGUF) into the store."""
     out = Out(json, quiet)
-    data = convert_and_report(out, src, name, dtype, force, compress)
+    from sllmctl import paths
+
+    data = convert_and_report(out, src, name, dtype, force,
+                              paths.switch("compress", "SLLMCTL_COMPRESS", False, compress))
     stored = (f" ({human_size(data['stored_bytes'])} on disk)"
               if data["stored_bytes"] != data["bytes"] else "")
     out.result(data, lambda: print(

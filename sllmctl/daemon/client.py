@@ -53,10 +53,7 @@ def read_connection() -> Connection | None:
 
 
 def autostart_enabled(flag: bool | None = None) -> bool:
-    if flag is not None:
-        return flag
-    value = paths.setting("autostart", "SLLMCTL_AUTOSTART", "1").strip().lower()
-    return value not in ("0", "false", "no", "off")
+    return paths.switch("autostart", "SLLMCTL_AUTOSTART", True, flag)
 
 
 class Client:
