@@ -80,6 +80,35 @@ def test_pinned_path_is_bit_exact(model: str) -> None:
                            gpu[k].cpu().reshape(-1).view(torch.uint8)), k
 
 
+def test_mapped_memory_is_bit_exact_and_given_back(model: str) -> None:
+    """Loads into memory mapped piece by piece (gpu_memory.py): the same bytes, and the
+    memory goes back to the device when the last view is gone."""
+    import gc
+
+    from sllmctl.store.gpu_loader import load_pinned, pinned_to_gpu
+
+    cpu = sllmctl.load_state_dict(model)
+    pinned = load_pinned(Store().get(model), piece_size=CHUNK_SIZE)
+    torch.cuda.empty_cache()  # free_memory() below sees only what the load holds
+    before = torch.cuda.mem_get_info(0)[0]
+    gpu = pinned_to_gpu(pinned, "cuda:0", mapped=True)
+    for k, v in cpu.items():
+        assert torch.equal(v.reshape(-1).view(torch.uint8),
+                           gpu[k].cpu().reshape(-1).view(torch.uint8)), k
+    def held() -> int:
+        torch.cuda.empty_cache()
+        return before - torch.cuda.mem_get_info(0)[0]
+
+    assert held() >= sum(f.size for f in Store().get(model).manifest.files)
+    one = gpu["big"]
+    del gpu
+    gc.collect()
+    assert held() >= one.numel() * one.element_size()  # a view keeps its file mapped
+    del one
+    gc.collect()
+    assert held() < 4 << 20
+
+
 @pytest.mark.parametrize("where", ["low", "zstd"])
 @pytest.mark.parametrize("direct", [True, False])
 def test_flipped_byte_caught_on_gpu(model: str, direct: bool, where: str) -> None:

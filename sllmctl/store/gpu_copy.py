@@ -193,7 +193,7 @@ class GpuLoad:
     for those copies; `result` waits for the whole load and its verification."""
 
     def __init__(self, model: StoredModel, device: Any, verify: bool = True,
-                 allocate_now: bool = False) -> None:
+                 allocate_now: bool = False, mapped: bool = False) -> None:
         import time
 
         import torch
@@ -205,6 +205,10 @@ class GpuLoad:
         self.model, self.device = model, torch.device(device)
         files = model.manifest.files
         self.buffers: list[torch.Tensor | None] = [None] * len(files)
+        # mapped: each file's memory is a MappedRange (gpu_memory.py), backed piece by piece
+        # while the copies run, rather than one cudaMalloc before its first copy
+        self.mapped = mapped and self.device.type == "cuda"
+        self._ranges: list[Any] = [None] * len(files)
         with torch.cuda.device(self.device):
             self.copy_stream = torch.cuda.Stream(self.device)
             self.sum_stream = torch.cuda.Stream(self.device)
@@ -235,10 +239,23 @@ class GpuLoad:
 
         t = self.buffers[i]
         if t is None:
-            t = torch.empty(self.model.manifest.files[i].size, dtype=torch.uint8,
-                            device=self.device)
+            size = self.model.manifest.files[i].size
+            if self.mapped and size:
+                from sllmctl.store.gpu_memory import MappedRange
+
+                r = MappedRange(size, self.device.index or 0)
+                self._ranges[i] = r
+                t = r.tensor()
+            else:
+                t = torch.empty(size, dtype=torch.uint8, device=self.device)
             self.buffers[i] = t
         return t
+
+    def _ready(self, file: int, end: int) -> None:
+        """Wait until a file's memory is backed up to byte `end` (mapped loads)."""
+        r = self._ranges[file]
+        if r is not None:
+            r.wait(end)
 
     def start(self, source: Source) -> GpuLoad:
         """Run the load in a background thread."""
@@ -288,6 +305,7 @@ class GpuLoad:
                         # allocated when its first piece arrives, so that it overlaps the
                         # copies of the files before it
                         dst = self._allocate(p.file)[p.offset:p.offset + p.length]
+                        self._ready(p.file, p.offset + p.length)
                         with torch.cuda.stream(self.copy_stream):
                             if "first_copy" not in self.timings:
                                 first.record(self.copy_stream)

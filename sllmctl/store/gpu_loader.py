@@ -337,14 +337,17 @@ def load_pinned(model: StoredModel, piece_size: int = 256 << 20) -> PinnedModel:
 
 
 def pinned_to_gpu(pinned: PinnedModel, device: Any, *, verify: bool = True,
-                  copy_size: int = 256 << 20) -> dict[str, torch.Tensor]:
+                  copy_size: int = 256 << 20, mapped: bool = False
+                  ) -> dict[str, torch.Tensor]:
     """Feed the GPU from chunks already resident in pinned memory.
 
     Pinned pieces must start at chunk boundaries. Pieces that continue each other both in the
     file and in host memory (consecutive slabs of one pinned region) are copied together;
     copies are whole chunks of about `copy_size` (rounded up to a multiple of the chunk size)
-    so that each can be checksummed alone."""
-    return GpuLoad(pinned.model, device, verify).run(_pinned_source(pinned, copy_size))
+    so that each can be checksummed alone. `mapped`: the GPU memory is mapped piece by piece
+    while the copies run (gpu_memory.py) instead of allocated before them."""
+    return GpuLoad(pinned.model, device, verify, mapped=mapped).run(
+        _pinned_source(pinned, copy_size))
 
 
 def start_pinned_to_gpu(pinned: PinnedModel, device: Any, *, verify: bool = True,
