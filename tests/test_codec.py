@@ -88,8 +88,7 @@ def test_split_frames_weave_back_into_the_chunks(src: Path) -> None:
             fd, _ = files.fd_for(p.file, start, end)
             buf[:end - start] = torch.frombuffer(bytearray(os.pread(fd, end - start, start)),
                                                  dtype=torch.uint8)
-            split = Split(codec.split_piece(model, p.file, p.offset, p.length, buf, start,
-                                            layout))
+            split = Split(codec.split_piece(model, p.offset, p.length, buf, start, layout))
             kinds |= {b is None for _, _, _, b in split.frames}
             unsplit(out[p.file], split)
         assert kinds == {True, False}

@@ -175,8 +175,8 @@ def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: n
     return read, sums
 
 
-def split_piece(model: Any, file: int, offset: int, length: int, buf: torch.Tensor,
-                start: int, layout: Layout) -> list[tuple[int, int, Any, Any]]:
+def split_piece(model: Any, offset: int, length: int, buf: torch.Tensor, start: int,
+                layout: Layout) -> list[tuple[int, int, Any, Any]]:
     """A piece's frames, read from disk into `buf` (from byte `start` of the file), made
     ready for the GPU: each split frame's high bytes are decompressed into `buf` past the
     stored bytes. Returns (offset in file, length, low bytes or whole chunk, high bytes or

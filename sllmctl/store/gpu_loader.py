@@ -244,7 +244,7 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
             if layout is None:
                 done.put((p, buf, buf))
             else:
-                frames = split_piece(model, p.file, p.offset, p.length, buf, start, layout)
+                frames = split_piece(model, p.offset, p.length, buf, start, layout)
                 done.put((p, Split(frames), buf))
         except BaseException as e:
             if buf is not None:
