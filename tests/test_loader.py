@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from sllmctl.errors import CorruptCheckpoint
-from sllmctl.store.gpu_copy import GpuChecker, Piece, _covering, manifest_sums
+from sllmctl.store.gpu_checksums import GpuChecker, manifest_sums
+from sllmctl.store.gpu_copy import Piece, _covering
 from sllmctl.store.gpu_loader import PinnedModel, _pinned_source, coalesce
 from sllmctl.store.reader import open_data
 from sllmctl.store.store import Store
