@@ -41,23 +41,13 @@ class FrameError(ValueError):
 
 # ---------------------------------------------------------------- layout
 
-def frame_lengths(f: DataFile, chunk: int) -> list[int]:
-    """Each frame's length on disk (where `f` is encoded)."""
-    assert f.frames is not None
-    out = []
-    for i, z in enumerate(f.frames):
-        n = min(chunk, f.size - i * chunk)
-        out.append(n if z == 0 else align_up(n // 2 + z))
-    return out
-
-
 class Layout:
     """Where each chunk of an encoded data file lies on disk."""
 
     def __init__(self, f: DataFile, chunk: int) -> None:
         assert f.frames is not None
         self.file, self.chunk = f, chunk
-        self.starts = np.concatenate(([0], np.cumsum(frame_lengths(f, chunk)))).astype(np.int64)
+        self.starts = np.concatenate(([0], np.cumsum(f.frame_lengths(chunk)))).astype(np.int64)
 
     def stored_range(self, offset: int, length: int) -> tuple[int, int]:
         """The bytes on disk holding chunks [offset, offset + length) (chunk-aligned start)."""
@@ -148,11 +138,12 @@ def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: n
     the file ends the count; one that does not decode gets the checksum UNDECODABLE."""
     from sllmctl import native
 
-    frames = Layout(f, chunk).frames(offset, length)
+    layout = Layout(f, chunk)
+    frames = layout.frames(offset, length)
 
     def one(fr: tuple[int, int, int, int]) -> tuple[int, str]:
         i, n, at, z = fr
-        size = n if z == 0 else align_up(n // 2 + z)
+        size = int(layout.starts[i + 1]) - at
         stored = np.empty(size, dtype=np.uint8)
         got = native.pread_into(fd, stored.ctypes.data, size, at, 1)
         if got != size:

@@ -21,8 +21,7 @@ import numpy as np
 from sllmctl.errors import CorruptCheckpoint
 
 MAGIC = "sllmctl-checkpoint"
-FORMAT_VERSION = 2  # the newest this writes: 2 where a data file is encoded, else 1
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2)  # written: 2 where a data file is encoded, else 1
 ENCODINGS = ("split-zstd",)  # see codec.py
 ALIGNMENT = 4096  # bytes; O_DIRECT block and page size, and a multiple of every GPU access width
 CHUNK_SIZE = 16 << 20  # bytes covered by one checksum; a multiple of ALIGNMENT
@@ -124,6 +123,16 @@ class DataFile:
     def on_disk(self) -> int:
         return self.size if self.stored_size is None else self.stored_size
 
+    def frame_lengths(self, chunk: int) -> list[int]:
+        """An encoded file's frames' lengths on disk: a chunk's n bytes where it is stored
+        plain, n/2 + its compressed length rounded up to ALIGNMENT where split."""
+        assert self.frames is not None
+        out = []
+        for i, z in enumerate(self.frames):
+            n = min(chunk, self.size - i * chunk)
+            out.append(n if z == 0 else align_up(n // 2 + z))
+        return out
+
 
 @dataclass
 class Manifest:
@@ -221,14 +230,12 @@ class Manifest:
         if (not isinstance(frames, list) or len(frames) != len(f.checksums)
                 or not all(isinstance(z, int) and z >= 0 for z in frames)):
             raise CorruptCheckpoint(f"{where}: {f.path} has a bad frame list")
-        stored = 0
-        for i, z in enumerate(frames):
-            n = min(self.chunk_size, f.size - i * self.chunk_size)
-            length = n if z == 0 else align_up(n // 2 + z)
-            if length > n:
+        lengths = f.frame_lengths(self.chunk_size)
+        for i, length in enumerate(lengths):
+            if length > min(self.chunk_size, f.size - i * self.chunk_size):
                 raise CorruptCheckpoint(f"{where}: {f.path} frame {i} is longer stored than "
                                         "decoded")
-            stored += length
+        stored = sum(lengths)
         if f.stored_size != stored:
             raise CorruptCheckpoint(f"{where}: {f.path} stored size {f.stored_size} does not "
                                     f"match its frames ({stored})")
