@@ -94,7 +94,7 @@ class GpuLoad:
         self.buffers: list[torch.Tensor | None] = [None] * len(files)
         # mapped: each file's memory is a MappedRange (gpu_memory.py), backed piece by piece
         # while the copies run, rather than one cudaMalloc before its first copy
-        self.mapped = mapped and self.device.type == "cuda"
+        self.mapped = mapped
         self._ranges: list[Any] = [None] * len(files)
         with torch.cuda.device(self.device):
             self.copy_stream = torch.cuda.Stream(self.device)

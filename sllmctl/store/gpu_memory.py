@@ -88,16 +88,6 @@ def _check(result: int, what: str) -> None:
     raise RuntimeError(message)
 
 
-def available() -> bool:
-    """Whether the CUDA driver can be reached here (its VMM calls are in every driver since
-    CUDA 10.2)."""
-    try:
-        _driver()
-    except OSError:
-        return False
-    return True
-
-
 class MappedRange:
     """One virtual range of `size` bytes on the current CUDA device of the calling thread,
     mapped piece by piece in the background from creation. `wait(end)` blocks until bytes
