@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import sllmctl
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store import codec
-from sllmctl.store.format import CHUNK_SIZE, MANIFEST
+from sllmctl.store.format import CHUNK_SIZE, MANIFEST, seal
 from sllmctl.store.gpu_copy import Split, unsplit
 from sllmctl.store.gpu_loader import _Files, pieces
 from sllmctl.store.reader import tensor_views, verify
@@ -46,7 +46,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def test_compressed_model_is_smaller_and_loads_bit_exact(src: Path) -> None:
     convert(src, "plain")
     m = convert(src, "small", compress=True)
-    assert m.format_version == 2
+    assert m.format_version == 3
     f = m.files[0]
     assert f.encoding == codec.ENCODING and f.frames is not None
     assert f.frames[0] and 0 in f.frames  # split bf16 chunks, and plain random ones
@@ -62,7 +62,7 @@ def test_compressed_model_is_smaller_and_loads_bit_exact(src: Path) -> None:
         assert torch.equal(_bytes(a[k]), _bytes(b[k])), k
     assert verify("small").ok
     text = (Store().path("small") / MANIFEST).read_text()
-    assert '"format_version": 2' in text and '"encoding": "split-zstd"' in text
+    assert '"format_version": 3' in text and '"encoding": "split-zstd"' in text
     assert '"encoding"' not in (Store().path("plain") / MANIFEST).read_text()
 
 
@@ -163,7 +163,7 @@ def test_bad_frame_tables_are_refused(src: Path, change, message: str) -> None: 
     path = Store().path("small") / MANIFEST
     d = json.loads(path.read_text())
     change(d["files"][0])
-    path.write_text(json.dumps(d))
+    path.write_text(seal(d))
     with pytest.raises(CorruptCheckpoint, match=message):
         Store().get("small")
 
@@ -173,12 +173,12 @@ def test_version_1_manifest_cannot_carry_an_encoding(src: Path) -> None:
     path = Store().path("small") / MANIFEST
     d = json.loads(path.read_text())
     d["format_version"] = 1
-    path.write_text(json.dumps(d))
+    path.write_text(seal(d))
     with pytest.raises(CorruptCheckpoint, match="unknown encoding"):
         Store().get("small")
-    d["format_version"] = 3
-    path.write_text(json.dumps(d))
-    with pytest.raises(CorruptCheckpoint, match="format version 3 is not supported"):
+    d["format_version"] = 4
+    path.write_text(seal(d))
+    with pytest.raises(CorruptCheckpoint, match="format version 4 is not supported"):
         Store().get("small")
 
 
@@ -213,7 +213,7 @@ def test_cli_convert_compress_and_show(src: Path) -> None:
     data = json.loads(r.stdout)
     assert data["stored_bytes"] < 0.85 * data["bytes"]
     shown = json.loads(run("show", "small", "--json").stdout)
-    assert shown["format_version"] == 2
+    assert shown["format_version"] == 3
     assert [f["encoding"] for f in shown["files"]] == ["split-zstd"]
     assert "on disk (compressed)" in run("show", "small").stdout
     assert "on disk" in run("convert", str(src), "--name", "small", "--compress",

@@ -82,7 +82,7 @@ class Store:
         folder = self.path(name)
         where = f"model {name}"
         try:
-            text = (folder / MANIFEST).read_text()
+            raw = (folder / MANIFEST).read_bytes()
         except OSError as e:
             from sllmctl.errors import CorruptCheckpoint
 
@@ -90,7 +90,7 @@ class Store:
                 f"{where}: manifest cannot be read ({e.strerror})",
                 hint=f"sllmctl rm {name}, then convert it again",
             ) from None
-        return StoredModel(name, folder, Manifest.from_json(text, where))
+        return StoredModel(name, folder, Manifest.from_json(raw, where))
 
     def new_tmp(self, name: str) -> Path:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

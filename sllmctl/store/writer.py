@@ -23,6 +23,7 @@ from sllmctl.store.format import (
     DTYPES,
     FILES_DIR,
     MANIFEST,
+    WRITE_VERSION,
     DataFile,
     Manifest,
     TensorEntry,
@@ -135,7 +136,7 @@ def _write(
     }
     manifest = Manifest(name=name, files=files, tensors=plan.tensors, aliases=plan.aliases,
                         extra_files=extra, provenance=provenance,
-                        format_version=2 if compress else 1)
+                        format_version=WRITE_VERSION)
     manifest.validate(f"model {name}")
     _write_synced(folder / MANIFEST, manifest.to_json().encode())
     _fsync_dir(folder)
