@@ -42,7 +42,7 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
 def open_data(model: StoredModel, f: DataFile, direct: bool = False) -> int:
     """Open a data file, checking its size; O_DIRECT when asked and possible."""
     path = model.path / f.path
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW  # a data file is never a link
     fd = -1
     if direct and hasattr(os, "O_DIRECT"):
         try:
@@ -52,9 +52,11 @@ def open_data(model: StoredModel, f: DataFile, direct: bool = False) -> int:
     if fd < 0:
         try:
             fd = os.open(path, flags)
-        except FileNotFoundError:
+        except OSError as e:
+            why = "is missing" if isinstance(e, FileNotFoundError) else (
+                f"cannot be opened ({e.strerror})")
             raise CorruptCheckpoint(
-                f"model {model.name}: data file {f.path} is missing", hint=reconvert_hint(model)
+                f"model {model.name}: data file {f.path} {why}", hint=reconvert_hint(model)
             ) from None
     size = os.fstat(fd).st_size
     if size != f.on_disk:
@@ -70,6 +72,28 @@ def open_data(model: StoredModel, f: DataFile, direct: bool = False) -> int:
 def reconvert_hint(model: StoredModel) -> str:
     source = model.manifest.provenance.get("source", "SRC")
     return f"convert it again: sllmctl convert {source} --name {model.name} --force"
+
+
+def read_extra(model: StoredModel, fname: str) -> bytes:
+    """A non-weight file's bytes, checked against its SHA-256 in the manifest."""
+    data, problem = _read_extra(model, fname)
+    if problem is not None:
+        raise CorruptCheckpoint(f"model {model.name}: {FILES_DIR}/{fname}: {problem}",
+                                hint=reconvert_hint(model))
+    return data
+
+
+def _read_extra(model: StoredModel, fname: str) -> tuple[bytes, str | None]:
+    """(bytes, None), or (b"", what is wrong: missing, unreadable, sha256 mismatch)."""
+    try:
+        fd = os.open(model.path / FILES_DIR / fname, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        return b"", e.strerror or type(e).__name__
+    if hashlib.sha256(data).hexdigest() != model.manifest.extra_files[fname]["sha256"]:
+        return b"", "sha256 mismatch"
+    return data, None
 
 
 def check_chunks(model: StoredModel, f: DataFile, first: int, sums: list[str]) -> None:
@@ -156,6 +180,9 @@ def load_state_dict(
 
     model = (store or Store()).get(name)
     device = torch.device(device)
+    if verify:  # small; the engine reads its config and tokenizer from them
+        for fname in model.manifest.extra_files:
+            read_extra(model, fname)
     if device.type == "cuda":
         from sllmctl.store.gpu_loader import load_to_gpu
 
@@ -219,14 +246,9 @@ def verify(name: str, *, store: Store | None = None, threads: int | None = None,
                     progress(length)
         finally:
             os.close(fd)
-    for fname, meta in model.manifest.extra_files.items():
-        try:
-            data = (model.path / FILES_DIR / fname).read_bytes()
-        except OSError as e:
+    for fname in model.manifest.extra_files:
+        _, problem = _read_extra(model, fname)
+        if problem is not None:
             report.bad.append({"file": f"{FILES_DIR}/{fname}", "chunk": None,
-                               "error": e.strerror})
-            continue
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            report.bad.append({"file": f"{FILES_DIR}/{fname}", "chunk": None,
-                               "error": "sha256 mismatch"})
+                               "error": problem})
     return report
