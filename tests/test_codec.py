@@ -107,14 +107,18 @@ def _flip(model: str, pos: int) -> None:
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("where", ["low", "zstd"])
+@pytest.mark.parametrize("where", ["low", "zstd", "padding"])
 def test_damage_is_named_by_chunk(src: Path, where: str) -> None:
+    """Padding after a zstd frame lies outside the checksums: it must be zero."""
     m = convert(src, "small", compress=True)
     f = m.files[0]
     assert f.frames is not None
     layout = codec.Layout(f, CHUNK_SIZE)
     start = int(layout.starts[1])
-    _flip("small", start + 999 if where == "low" else start + CHUNK_SIZE // 2 + f.frames[1] // 2)
+    zstd = start + CHUNK_SIZE // 2
+    assert (CHUNK_SIZE // 2 + f.frames[1]) % 4096  # frame 1 has padding
+    _flip("small", {"low": start + 999, "zstd": zstd + f.frames[1] // 2,
+                    "padding": zstd + f.frames[1]}[where])
     with pytest.raises(CorruptCheckpoint, match=r"data-00000\.bin chunk 1 "):
         sllmctl.load_state_dict("small")
     report = verify("small")

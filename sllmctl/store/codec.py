@@ -126,6 +126,8 @@ def decode_frame(stored: np.ndarray, n: int, z: int, out: np.ndarray) -> None:
         out[:] = stored[:n]
         return
     h = n // 2
+    if stored[h + z:].any():
+        raise FrameError("its padding is not zero")
     hi = np.empty(h, dtype=np.uint8)
     decompress_into(stored[h:h + z], hi)
     weave(stored[:h], hi, out)
@@ -185,6 +187,8 @@ def split_piece(model: Any, offset: int, length: int, buf: torch.Tensor, start: 
         h = n // 2
         hi = buf[spare:spare + h]
         try:
+            if buf[rel + h + z:rel + align_up(h + z)].any():
+                raise FrameError("its padding is not zero")
             decompress_into(buf[rel + h:rel + h + z].numpy(), hi.numpy())
         except FrameError as e:
             raise CorruptCheckpoint(
