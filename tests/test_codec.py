@@ -15,10 +15,12 @@ from safetensors.torch import save_file
 import sllmctl
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store import codec
+from sllmctl.store.datafile import tensor_views
 from sllmctl.store.format import CHUNK_SIZE, MANIFEST, seal
-from sllmctl.store.gpu_copy import Split, unsplit
-from sllmctl.store.gpu_loader import _Files, pieces
-from sllmctl.store.reader import tensor_views, verify
+from sllmctl.store.gpu.files import ModelFiles
+from sllmctl.store.gpu.loader import pieces
+from sllmctl.store.gpu.split import split_piece, unsplit
+from sllmctl.store.reader import verify
 from sllmctl.store.store import Store
 from sllmctl.store.writer import convert
 
@@ -76,7 +78,7 @@ def test_split_frames_weave_back_into_the_chunks(src: Path) -> None:
     size = 3 * CHUNK_SIZE
     todo = pieces(model, size)
     assert all(p.length <= 2 * CHUNK_SIZE for p in todo)
-    files = _Files(model, False)
+    files = ModelFiles(model, False)
     try:
         out = [torch.zeros(f.size, dtype=torch.uint8) for f in model.manifest.files]
         kinds = set()
@@ -88,7 +90,7 @@ def test_split_frames_weave_back_into_the_chunks(src: Path) -> None:
             fd, _ = files.fd_for(p.file, start, end)
             buf[:end - start] = torch.frombuffer(bytearray(os.pread(fd, end - start, start)),
                                                  dtype=torch.uint8)
-            split = Split(codec.split_piece(model, p.offset, p.length, buf, start, layout))
+            split = split_piece(model, p.offset, p.length, buf, start, layout)
             kinds |= {b is None for _, _, _, b in split.frames}
             unsplit(out[p.file], split)
         assert kinds == {True, False}
@@ -195,7 +197,7 @@ def test_pieces_leave_room_for_the_high_bytes(src: Path) -> None:
     assert max(p.length for p in pieces(model, 64 << 20)) == 32 << 20
     with pytest.raises(ValueError, match="cannot hold a chunk"):
         pieces(model, CHUNK_SIZE)
-    files = _Files(model, False)
+    files = ModelFiles(model, False)
     try:
         for p in pieces(model, 64 << 20):
             start, end = files.stored_range(p)

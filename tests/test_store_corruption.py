@@ -126,7 +126,7 @@ def test_every_random_corruption_is_a_corrupt_model(tmp_path: Path) -> None:
             assert not report.ok, why
         is_reported(name, lambda n=name: sllmctl.load_state_dict(n))
         is_reported(name, lambda n=name: ChatModel.load(n, "cpu"))
-        listed = {e.name: e for e in Store().list()}
+        listed = {e.name: e for e in Store().entries()}
         assert sorted(listed) == ["m", "other", "z"], why
         assert not listed["other"].corrupt, why
         if kind in STRUCTURAL or path.name == "manifest.json":

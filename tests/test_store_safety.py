@@ -40,7 +40,7 @@ def test_an_absolute_link_is_refused_and_its_target_kept(tmp_path: Path) -> None
         store.remove("evil")
     with pytest.raises(CorruptCheckpoint, match="points outside"):
         sllmctl.load_state_dict("evil")
-    listed = {e.name: e for e in store.list()}
+    listed = {e.name: e for e in store.entries()}
     assert listed["evil"].corrupt and not listed["good"].corrupt
     assert (outside / "keep.txt").read_text() == "keep me"
 
@@ -87,7 +87,7 @@ def test_a_linked_data_or_extra_file_is_corrupt(tmp_path: Path) -> None:
     data.symlink_to(copy)
     with pytest.raises(CorruptCheckpoint, match=r"data file data-00000\.bin cannot be opened"):
         sllmctl.load_state_dict("m")
-    assert Store().list()[0].error == "model m: data-00000.bin is not a regular file"
+    assert Store().entries()[0].error == "model m: data-00000.bin is not a regular file"
     data.unlink()
     data.write_bytes(copy.read_bytes())
     config = folder / "files" / "config.json"

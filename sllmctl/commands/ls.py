@@ -33,7 +33,7 @@ def command(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
 
     out = Out(json, quiet)
     rows = []
-    for entry in Store().list():  # one damaged model must not hide the others
+    for entry in Store().entries():  # one damaged model must not hide the others
         if entry.model is None:
             rows.append({"name": entry.name, "status": "corrupt", "error": entry.error})
         else:

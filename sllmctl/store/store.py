@@ -69,8 +69,8 @@ class StoredModel:
 
 
 @dataclass
-class Listed:
-    """One entry of `Store.list`: a readable model, or the error that makes it corrupt."""
+class StoreEntry:
+    """One entry of `Store.entries`: a readable model, or the error that makes it corrupt."""
 
     name: str
     model: StoredModel | None
@@ -104,7 +104,7 @@ class Store:
             return []
         return [e for e in entries if not e.startswith(".") and (self.root / e).is_symlink()]
 
-    def list(self) -> list[Listed]:
+    def entries(self) -> list[StoreEntry]:
         """Every model, each either readable (its manifest sound and its files of the right
         sizes) or marked corrupt with the one-line reason; one damaged model never hides the
         others. Data bytes are not read: `verify` does that."""
@@ -116,9 +116,9 @@ class Store:
             except NotFound:  # removed while listing
                 continue
             except CorruptCheckpoint as e:
-                out.append(Listed(name, None, e.message))
+                out.append(StoreEntry(name, None, e.message))
                 continue
-            out.append(Listed(name, model))
+            out.append(StoreEntry(name, model))
         return out
 
     def exists(self, name: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sllmctl import __version__
+from sllmctl._version import __version__
 from sllmctl.errors import AlreadyExists, SllmError
 from sllmctl.store.codec import ENCODING, encode_chunk
 from sllmctl.store.format import (
@@ -30,7 +30,8 @@ from sllmctl.store.format import (
     align_up,
     torch_dtype,
 )
-from sllmctl.store.sources import Source, SourceTensor, open_source
+from sllmctl.store.sources import open_source
+from sllmctl.store.sources.base import Source, SourceTensor
 from sllmctl.store.store import Store, _fsync_dir, check_name
 
 MAX_FILE_SIZE = 4 << 30  # a new data file starts past this (a larger tensor gets its own)
