@@ -57,7 +57,9 @@ def main() -> int:
         return 1
     _, model, _, _ = prepare(args.dir, args.layers)
     zmodel, _ = compressed_copy(args.dir, model)
-    from sllmctl.store import gpu_loader
+    from gpu_paths import eager_pool
+
+    from sllmctl.store.gpu import loader as gpu_loader
 
     results: dict[str, Any] = {"cpus": os.cpu_count(), "decode_GBps": {}, "warm": {}}
     for threads in sorted({1, 4, 8, os.cpu_count() or 1}):
@@ -68,7 +70,7 @@ def main() -> int:
     files = [zmodel.path / f.path for f in zmodel.manifest.files]
     nbytes = zmodel.manifest.total_bytes
     for readers in READERS:
-        pool = gpu_loader.PinnedPool(buffers=readers + 8, eager=True)
+        pool = eager_pool(buffers=readers + 8)
         for cached in CACHED_THREADS:
             gpu_loader.CACHED_READ_THREADS = cached
             runs = []

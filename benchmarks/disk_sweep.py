@@ -33,7 +33,7 @@ def read_span(files: list[Path], start: int, span: int, readers: int, threads: i
               pread: int, direct: bool) -> float:
     """Read bytes [start, start + span) of the files laid end to end; GB/s."""
     from sllmctl import native
-    from sllmctl.store.reader import aligned_empty
+    from sllmctl.store.datafile import aligned_empty
 
     fds, sizes = [], []
     for p in files:

@@ -128,7 +128,7 @@ class PairedLimit:
 def disk_rate(files: list[Path], direct: bool, threads: int) -> float:
     """Read every data file after dropping the page cache, many reads in flight; GB/s."""
     from sllmctl import native
-    from sllmctl.store.reader import aligned_empty
+    from sllmctl.store.datafile import aligned_empty
 
     drop_caches()
     window = 512 << 20

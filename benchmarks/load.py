@@ -124,15 +124,13 @@ def main() -> int:
         return 1
 
     shards, model, gen_s, convert_s = prepare(args.dir, args.layers)
+    from gpu_memory import MappedGpuLoad
+    from gpu_paths import eager_pool, load_pinned, pinned_to_gpu
+
     from sllmctl import native
-    from sllmctl.store.gpu_copy import GpuLoad
-    from sllmctl.store.gpu_loader import (
-        PinnedPool,
-        _pinned_source,
-        load_pinned,
-        load_to_gpu,
-        pinned_to_gpu,
-    )
+    from sllmctl.store.gpu.copy import GpuLoad
+    from sllmctl.store.gpu.loader import load_to_gpu
+    from sllmctl.store.gpu.pinned import pinned_source
     from sllmctl.store.store import Store
     from sllmctl.store.writer import convert
 
@@ -160,7 +158,7 @@ def main() -> int:
 
     # grow the VM's memory once, so no loader pays the first touch of page cache memory
     warm_files(shards + data_files + zfiles)
-    pool = PinnedPool(eager=True)  # made once, before any timing, as a daemon keeps it
+    pool = eager_pool()  # made once, before any timing, as a daemon keeps it
     results: dict[str, Any] = {"limits": {}, "runs": []}
     if zmodel is not None:
         results["compressed"] = results_z
@@ -267,7 +265,7 @@ def main() -> int:
             print(f"  first load of this process (not counted): {first:.3f} s", flush=True)
             paired = PairedLimit()
             # +cached: the allocator keeps the previous load's memory; +mapped: fresh memory
-            # mapped piece by piece while the copies run (gpu_memory.py)
+            # mapped piece by piece while the copies run (benchmarks/gpu_memory.py)
             for verify, fresh, mapped in ((True, True, False), (False, True, False),
                                           (True, False, False), (True, True, True)):
                 runs, ratios = [], []
@@ -277,8 +275,8 @@ def main() -> int:
                             out: list[dict[str, float]] = stages) -> dict[str, torch.Tensor]:
                         # pinned_to_gpu, keeping the load's stage timings (and not the load,
                         # which holds the memory that `timed` frees)
-                        load = GpuLoad(p.model, "cuda:0", v, mapped=mp)
-                        state = load.run(_pinned_source(p, 256 << 20))
+                        load = (MappedGpuLoad if mp else GpuLoad)(p.model, "cuda:0", v)
+                        state = load.run(pinned_source(p, 256 << 20))
                         out.append(load.timings)
                         return state
 

@@ -55,8 +55,10 @@ def main() -> int:
     if not have_cuda():
         return 1
     _, model, _, _ = prepare(args.dir, args.layers)
-    from sllmctl.store.gpu_copy import GpuLoad
-    from sllmctl.store.gpu_loader import _pinned_source, coalesce, load_pinned
+    from gpu_paths import load_pinned
+
+    from sllmctl.store.gpu.copy import GpuLoad
+    from sllmctl.store.gpu.pinned import coalesce, pinned_source
 
     nbytes = model.manifest.total_bytes
     pinned = load_pinned(model)
@@ -82,7 +84,7 @@ def main() -> int:
     def load(verify: bool, copy_size: int, tail: int | None) -> Callable[[], GpuLoad]:
         def run() -> GpuLoad:
             g = GpuLoad(model, "cuda:0", verify)
-            g.run(_pinned_source(pinned, copy_size, tail))
+            g.run(pinned_source(pinned, copy_size, tail))
             return g
         return run
 

@@ -15,10 +15,12 @@ from safetensors.torch import save_file
 import sllmctl
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store import codec
-from sllmctl.store.format import CHUNK_SIZE, MANIFEST
-from sllmctl.store.gpu_copy import Split, unsplit
-from sllmctl.store.gpu_loader import _Files, pieces
-from sllmctl.store.reader import tensor_views, verify
+from sllmctl.store.datafile import tensor_views
+from sllmctl.store.format import CHUNK_SIZE, MANIFEST, seal
+from sllmctl.store.gpu.files import ModelFiles
+from sllmctl.store.gpu.loader import pieces
+from sllmctl.store.gpu.split import split_piece, unsplit
+from sllmctl.store.reader import verify
 from sllmctl.store.store import Store
 from sllmctl.store.writer import convert
 
@@ -46,7 +48,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def test_compressed_model_is_smaller_and_loads_bit_exact(src: Path) -> None:
     convert(src, "plain")
     m = convert(src, "small", compress=True)
-    assert m.format_version == 2
+    assert m.format_version == 3
     f = m.files[0]
     assert f.encoding == codec.ENCODING and f.frames is not None
     assert f.frames[0] and 0 in f.frames  # split bf16 chunks, and plain random ones
@@ -62,7 +64,7 @@ def test_compressed_model_is_smaller_and_loads_bit_exact(src: Path) -> None:
         assert torch.equal(_bytes(a[k]), _bytes(b[k])), k
     assert verify("small").ok
     text = (Store().path("small") / MANIFEST).read_text()
-    assert '"format_version": 2' in text and '"encoding": "split-zstd"' in text
+    assert '"format_version": 3' in text and '"encoding": "split-zstd"' in text
     assert '"encoding"' not in (Store().path("plain") / MANIFEST).read_text()
 
 
@@ -76,7 +78,7 @@ def test_split_frames_weave_back_into_the_chunks(src: Path) -> None:
     size = 3 * CHUNK_SIZE
     todo = pieces(model, size)
     assert all(p.length <= 2 * CHUNK_SIZE for p in todo)
-    files = _Files(model, False)
+    files = ModelFiles(model, False)
     try:
         out = [torch.zeros(f.size, dtype=torch.uint8) for f in model.manifest.files]
         kinds = set()
@@ -88,7 +90,7 @@ def test_split_frames_weave_back_into_the_chunks(src: Path) -> None:
             fd, _ = files.fd_for(p.file, start, end)
             buf[:end - start] = torch.frombuffer(bytearray(os.pread(fd, end - start, start)),
                                                  dtype=torch.uint8)
-            split = Split(codec.split_piece(model, p.offset, p.length, buf, start, layout))
+            split = split_piece(model, p.offset, p.length, buf, start, layout)
             kinds |= {b is None for _, _, _, b in split.frames}
             unsplit(out[p.file], split)
         assert kinds == {True, False}
@@ -107,14 +109,18 @@ def _flip(model: str, pos: int) -> None:
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("where", ["low", "zstd"])
+@pytest.mark.parametrize("where", ["low", "zstd", "padding"])
 def test_damage_is_named_by_chunk(src: Path, where: str) -> None:
+    """Padding after a zstd frame lies outside the checksums: it must be zero."""
     m = convert(src, "small", compress=True)
     f = m.files[0]
     assert f.frames is not None
     layout = codec.Layout(f, CHUNK_SIZE)
     start = int(layout.starts[1])
-    _flip("small", start + 999 if where == "low" else start + CHUNK_SIZE // 2 + f.frames[1] // 2)
+    zstd = start + CHUNK_SIZE // 2
+    assert (CHUNK_SIZE // 2 + f.frames[1]) % 4096  # frame 1 has padding
+    _flip("small", {"low": start + 999, "zstd": zstd + f.frames[1] // 2,
+                    "padding": zstd + f.frames[1]}[where])
     with pytest.raises(CorruptCheckpoint, match=r"data-00000\.bin chunk 1 "):
         sllmctl.load_state_dict("small")
     report = verify("small")
@@ -163,7 +169,7 @@ def test_bad_frame_tables_are_refused(src: Path, change, message: str) -> None: 
     path = Store().path("small") / MANIFEST
     d = json.loads(path.read_text())
     change(d["files"][0])
-    path.write_text(json.dumps(d))
+    path.write_text(seal(d))
     with pytest.raises(CorruptCheckpoint, match=message):
         Store().get("small")
 
@@ -173,12 +179,12 @@ def test_version_1_manifest_cannot_carry_an_encoding(src: Path) -> None:
     path = Store().path("small") / MANIFEST
     d = json.loads(path.read_text())
     d["format_version"] = 1
-    path.write_text(json.dumps(d))
+    path.write_text(seal(d))
     with pytest.raises(CorruptCheckpoint, match="unknown encoding"):
         Store().get("small")
-    d["format_version"] = 3
-    path.write_text(json.dumps(d))
-    with pytest.raises(CorruptCheckpoint, match="format version 3 is not supported"):
+    d["format_version"] = 4
+    path.write_text(seal(d))
+    with pytest.raises(CorruptCheckpoint, match="format version 4 is not supported"):
         Store().get("small")
 
 
@@ -191,7 +197,7 @@ def test_pieces_leave_room_for_the_high_bytes(src: Path) -> None:
     assert max(p.length for p in pieces(model, 64 << 20)) == 32 << 20
     with pytest.raises(ValueError, match="cannot hold a chunk"):
         pieces(model, CHUNK_SIZE)
-    files = _Files(model, False)
+    files = ModelFiles(model, False)
     try:
         for p in pieces(model, 64 << 20):
             start, end = files.stored_range(p)
@@ -213,7 +219,7 @@ def test_cli_convert_compress_and_show(src: Path) -> None:
     data = json.loads(r.stdout)
     assert data["stored_bytes"] < 0.85 * data["bytes"]
     shown = json.loads(run("show", "small", "--json").stdout)
-    assert shown["format_version"] == 2
+    assert shown["format_version"] == 3
     assert [f["encoding"] for f in shown["files"]] == ["split-zstd"]
     assert "on disk (compressed)" in run("show", "small").stdout
     assert "on disk" in run("convert", str(src), "--name", "small", "--compress",

@@ -89,7 +89,7 @@ def stored(tmp_path: Path, request: pytest.FixtureRequest) -> str:
 
 def test_pipelined_load_answers_like_a_finished_one(stored: str) -> None:
     from sllmctl.engine.chat import ChatModel, Params
-    from sllmctl.store.gpu_loader import start_load_to_gpu
+    from sllmctl.store.gpu.loader import start_load_to_gpu
     from sllmctl.store.store import Store
 
     prompt = " ".join(f"w{i}" for i in range(3, 60))
@@ -107,7 +107,7 @@ def test_pipelined_load_answers_like_a_finished_one(stored: str) -> None:
 def test_pipelined_load_refuses_corrupt_weights(stored: str) -> None:
     from sllmctl.engine.chat import ChatModel, Params
     from sllmctl.store.codec import Layout
-    from sllmctl.store.gpu_loader import start_load_to_gpu
+    from sllmctl.store.gpu.loader import start_load_to_gpu
     from sllmctl.store.store import Store
 
     model = Store().get(stored)

@@ -310,3 +310,71 @@ def test_tensors_are_laid_out_in_load_order(tmp_path: Path) -> None:
     state = sllmctl.load_state_dict("ordered")
     for n in names:
         assert state[n].eq(float(names.index(n))).all()
+
+
+def test_manifest_carries_its_own_checksum(tmp_path: Path) -> None:
+    """Version 3: a flipped bit in a tensor name no longer passes as another name."""
+    folder = stored_model(tmp_path)
+    manifest = folder / "manifest.json"
+    raw = manifest.read_bytes()
+    assert json.loads(raw)["format_version"] == 3 and b'"manifest_sha256": "' in raw
+    at = raw.index(b'"w3"') + 2
+    manifest.write_bytes(raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1:])  # w3 -> w2
+    with pytest.raises(CorruptCheckpoint, match=r"^model m: manifest fails its checksum"):
+        sllmctl.load_state_dict("m")
+    manifest.write_bytes(raw[:at] + b"\xe9" + raw[at + 1:])
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        Store().get("m")
+    at = raw.index(b'"format_version": 3') + len(b'"format_version": ')
+    manifest.write_bytes(raw[:at] + b"1" + raw[at + 1:])  # 3 -> 1 must not skip the check
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        Store().get("m")
+    d = json.loads(raw)
+    del d["manifest_sha256"]
+    manifest.write_text(json.dumps(d, indent=1))
+    with pytest.raises(CorruptCheckpoint, match="no valid manifest_sha256"):
+        Store().get("m")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_versions_1_and_2_without_a_checksum_still_read(tmp_path: Path, version: int) -> None:
+    folder = stored_model(tmp_path)
+    manifest = folder / "manifest.json"
+    d = json.loads(manifest.read_bytes())
+    del d["manifest_sha256"]
+    d["format_version"] = version
+    manifest.write_text(json.dumps(d, indent=1))
+    assert Store().get("m").manifest.format_version == version
+    assert sorted(sllmctl.load_state_dict("m")) == [f"w{i}" for i in range(5)]
+
+
+def test_the_checksum_is_as_specified(tmp_path: Path) -> None:
+    """docs/format.md: SHA-256 of the file with the 64 digits written as zeros."""
+    import hashlib
+
+    raw = (stored_model(tmp_path) / "manifest.json").read_bytes()
+    digest = json.loads(raw)["manifest_sha256"]
+    assert raw.endswith(f'"manifest_sha256": "{digest}"\n}}\n'.encode())
+    assert hashlib.sha256(raw.replace(digest.encode(), b"0" * 64)).hexdigest() == digest
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["files"][0].update(path="../../etc/passwd"), "bad data file entry"),
+    (lambda d: d["files"][0].update(path="/etc/passwd"), "bad data file entry"),
+    (lambda d: d["files"][0].update(size="4096"), "malformed manifest"),
+    (lambda d: d["extra_files"].update({"../x": {"size": 1, "sha256": "0"}}),
+     "bad non-weight file name"),
+    (lambda d: d["tensors"]["w0"].update(shape=[1024.0, 1024]), "malformed manifest"),
+    (lambda d: d.update(chunk_size=0), "malformed manifest"),
+    (lambda d: d.update(extra=1), "malformed manifest"),
+])
+def test_manifests_that_leave_the_folder_or_mistype_are_corrupt(
+        tmp_path: Path, change, message: str) -> None:  # type: ignore[no-untyped-def]
+    from sllmctl.store.format import seal
+
+    manifest = stored_model(tmp_path) / "manifest.json"
+    d = json.loads(manifest.read_bytes())
+    change(d)
+    manifest.write_text(seal(d))
+    with pytest.raises(CorruptCheckpoint, match=message):
+        Store().get("m")

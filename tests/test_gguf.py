@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sllmctl.store.gguf_source import open_gguf
-from sllmctl.store.sources import SourceError
+from sllmctl.store.sources.base import SourceError
+from sllmctl.store.sources.gguf import open_gguf
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")

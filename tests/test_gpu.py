@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +17,16 @@ from sllmctl.store.store import Store
 from sllmctl.store.writer import convert
 
 pytestmark = pytest.mark.gpu
+
+
+def benchmark_paths() -> tuple[Any, Any]:
+    """load_pinned and pinned_to_gpu, which live with the benchmarks (benchmarks/gpu_paths.py)."""
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    import gpu_paths
+
+    return gpu_paths.load_pinned, gpu_paths.pinned_to_gpu
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "compressed"])
@@ -37,7 +49,7 @@ def model(tmp_path: Path, request: pytest.FixtureRequest) -> str:
 
 @pytest.mark.parametrize("direct", [None, True, False])
 def test_gpu_load_is_bit_exact_with_cpu(model: str, direct: bool | None) -> None:
-    from sllmctl.store.gpu_loader import load_to_gpu
+    from sllmctl.store.gpu.loader import load_to_gpu
 
     cpu = sllmctl.load_state_dict(model)
     gpu = load_to_gpu(Store().get(model), "cuda:0", direct=direct)
@@ -51,11 +63,12 @@ def test_gpu_load_is_bit_exact_with_cpu(model: str, direct: bool | None) -> None
 
 
 def test_pool_grows_only_as_loads_need_buffers(model: str) -> None:
-    from sllmctl.store.gpu_loader import PinnedPool, load_to_gpu, pieces
+    from sllmctl.store.gpu.loader import PinnedPool, load_to_gpu, pieces
 
     cpu = sllmctl.load_state_dict(model)
     # a compressed chunk needs room for its decompressed half as well
-    size = CHUNK_SIZE * 2 if Store().get(model).manifest.format_version > 1 else CHUNK_SIZE
+    encoded = any(f.encoding for f in Store().get(model).manifest.files)
+    size = CHUNK_SIZE * 2 if encoded else CHUNK_SIZE
     n = len(pieces(Store().get(model), size))
     assert n > 2
     big = PinnedPool(buffers=4 * n, size=size)
@@ -70,7 +83,7 @@ def test_pool_grows_only_as_loads_need_buffers(model: str) -> None:
 
 
 def test_pinned_path_is_bit_exact(model: str) -> None:
-    from sllmctl.store.gpu_loader import load_pinned, pinned_to_gpu
+    load_pinned, pinned_to_gpu = benchmark_paths()
 
     pinned = load_pinned(Store().get(model), piece_size=CHUNK_SIZE)
     gpu = pinned_to_gpu(pinned, "cuda:0", copy_size=CHUNK_SIZE // 2)  # rounds up to a chunk
@@ -81,11 +94,11 @@ def test_pinned_path_is_bit_exact(model: str) -> None:
 
 
 def test_mapped_memory_is_bit_exact_and_given_back(model: str) -> None:
-    """Loads into memory mapped piece by piece (gpu_memory.py): the same bytes, and the
+    """Loads into memory mapped piece by piece (benchmarks/gpu_memory.py): the same bytes, and the
     memory goes back to the device when the last view is gone."""
     import gc
 
-    from sllmctl.store.gpu_loader import load_pinned, pinned_to_gpu
+    load_pinned, pinned_to_gpu = benchmark_paths()
 
     cpu = sllmctl.load_state_dict(model)
     pinned = load_pinned(Store().get(model), piece_size=CHUNK_SIZE)
@@ -109,29 +122,30 @@ def test_mapped_memory_is_bit_exact_and_given_back(model: str) -> None:
     assert held() < 4 << 20
 
 
-@pytest.mark.parametrize("where", ["low", "zstd"])
+@pytest.mark.parametrize("where", ["low", "zstd", "padding"])
 @pytest.mark.parametrize("direct", [True, False])
 def test_flipped_byte_caught_on_gpu(model: str, direct: bool, where: str) -> None:
     """A flipped byte in chunk 1: in a plain file anywhere in it; in a compressed one, in the
-    low bytes (stored as is) or inside the compressed high bytes."""
+    low bytes (stored as is), inside the compressed high bytes or in the padding after them."""
     from sllmctl.store.codec import Layout
 
     stored = Store().get(model)
     f = stored.manifest.files[0]
     if f.encoding is None:
-        if where == "zstd":
+        if where != "low":
             pytest.skip("a plain file has no compressed bytes")
         pos = CHUNK_SIZE + 12345
     else:
         assert f.frames is not None and f.frames[1]
         start = int(Layout(f, CHUNK_SIZE).starts[1])
         half = min(CHUNK_SIZE, f.size - CHUNK_SIZE) // 2  # the low bytes, then zstd
-        pos = start + 12345 if where == "low" else start + half + f.frames[1] // 2
+        pos = start + {"low": 12345, "zstd": half + f.frames[1] // 2,
+                       "padding": half + f.frames[1]}[where]
     data = Store().path(model) / f.path
     raw = bytearray(data.read_bytes())
     raw[pos] ^= 0x01
     data.write_bytes(bytes(raw))
-    from sllmctl.store.gpu_loader import load_to_gpu
+    from sllmctl.store.gpu.loader import load_to_gpu
 
     with pytest.raises(CorruptCheckpoint, match=r"data-00000\.bin chunk 1 "):
         load_to_gpu(Store().get(model), "cuda:0", direct=direct)

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from sllmctl.errors import CorruptCheckpoint
-from sllmctl.store.gpu_checksums import GpuChecker, manifest_sums
-from sllmctl.store.gpu_copy import Piece, _covering
-from sllmctl.store.gpu_loader import PinnedModel, _pinned_source, coalesce
-from sllmctl.store.reader import open_data
+from sllmctl.store.datafile import Piece, open_data
+from sllmctl.store.gpu.checksums import GpuChecker, manifest_sums
+from sllmctl.store.gpu.copy import _covering
+from sllmctl.store.gpu.pinned import PinnedModel, coalesce, pinned_source
 from sllmctl.store.store import Store
 from sllmctl.store.writer import convert
 
@@ -57,7 +57,7 @@ def test_pinned_copies_taper_at_the_end() -> None:
     a, b = torch.arange(256, dtype=torch.uint8), torch.arange(100, dtype=torch.uint8)
     pinned = PinnedModel(model, [(Piece(0, 0, 256), a), (Piece(1, 0, 100), b)])
     out = [(p.file, p.offset, p.length) for p, _, _ in
-           _pinned_source(pinned, copy_size=128, tail=32)]
+           pinned_source(pinned, copy_size=128, tail=32)]
     # 128-byte copies while more than 128 bytes are left, then 32-byte ones; a copy never
     # crosses a file, and every byte is copied once
     assert out == [(0, 0, 128), (0, 128, 128),

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sllmctl.commands._common import JsonOpt, QuietOpt
-from sllmctl.errors import SllmError
 from sllmctl.output import Out, human_count, human_size, stdout_console
+
+if TYPE_CHECKING:
+    from sllmctl.store.store import StoredModel
 
 NAME = "ls"
 
 
-def model_summary(name: str) -> dict[str, Any]:
-    from sllmctl.store.store import Store
-
-    model = Store().get(name)
+def model_summary(model: StoredModel) -> dict[str, Any]:
     m = model.manifest
     return {
-        "name": name,
+        "name": model.name,
         "parameters": m.parameters,
         "bytes": m.total_bytes,
         "dtype": m.provenance.get("dtype"),
@@ -34,11 +33,11 @@ def command(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
 
     out = Out(json, quiet)
     rows = []
-    for name in Store().names():
-        try:
-            rows.append(model_summary(name))
-        except SllmError as e:  # one damaged model must not hide the others
-            rows.append({"name": name, "error": e.message})
+    for entry in Store().entries():  # one damaged model must not hide the others
+        if entry.model is None:
+            rows.append({"name": entry.name, "status": "corrupt", "error": entry.error})
+        else:
+            rows.append(model_summary(entry.model))
     out.result(rows, lambda: _table(rows))
 
 
@@ -50,7 +49,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
         table.add_column(col)
     for r in rows:
         if "error" in r:
-            table.add_row(r["name"], "-", "-", "-", "-", f"damaged: {r['error']}")
+            table.add_row(r["name"], "-", "-", "-", "-", f"corrupt: {r['error']}")
             continue
         table.add_row(r["name"], human_count(r["parameters"]), human_size(r["bytes"]),
                       str(r["dtype"]), str(r["format"]), str(r["converted_at"] or ""))

@@ -16,7 +16,7 @@ MEASURE_BYTES = 256 << 20
 def measure_disk(folder: Path, nbytes: int = MEASURE_BYTES) -> dict[str, Any]:
     """Write a scratch file of random bytes (synced), read it back with O_DIRECT."""
     from sllmctl import native
-    from sllmctl.store.reader import aligned_empty
+    from sllmctl.store.datafile import aligned_empty
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f".bandwidth-{os.getpid()}-{os.urandom(4).hex()}"

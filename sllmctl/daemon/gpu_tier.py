@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllmctl.daemon.tiers import BadArguments, DoesNotFit, DramTier, NoGpu
-from sllmctl.store.gpu_copy import GpuLoad
-from sllmctl.store.gpu_loader import PinnedPool, start_load_to_gpu, start_pinned_to_gpu
+from sllmctl.store.gpu.copy import GpuLoad
+from sllmctl.store.gpu.loader import PinnedPool, start_load_to_gpu
+from sllmctl.store.gpu.pinned import start_pinned_to_gpu
 from sllmctl.store.store import StoredModel
 
 

@@ -118,7 +118,7 @@ class Daemon(ServingMixin):
 
             from sllmctl.daemon.gpu_tier import GpuTier
             from sllmctl.daemon.tiers import DramTier, parse_size, total_ram
-            from sllmctl.store.gpu_checksums import warm_up
+            from sllmctl.store.gpu.checksums import warm_up
 
             self.gpu = GpuTier()
             self.gpu.refresh()  # each CUDA context now, not in `status`

@@ -33,12 +33,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sllmctl.errors import CorruptCheckpoint, SllmError
+from sllmctl.store.datafile import Piece, check_chunks, open_data, read_verify, reconvert_hint
 from sllmctl.store.format import ALIGNMENT
-from sllmctl.store.gpu_copy import Piece
-from sllmctl.store.gpu_loader import (
-    PinnedModel,
-)
-from sllmctl.store.reader import check_chunks, open_data, read_verify, reconvert_hint
+from sllmctl.store.gpu.pinned import PinnedModel
 from sllmctl.store.store import StoredModel
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from sllmctl.engine.sampling import stream
 from sllmctl.engine.tokenizer import StopChecker, StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
-    from sllmctl.store.gpu_copy import GpuLoad
+    from sllmctl.store.gpu.copy import GpuLoad
 
 
 @dataclass

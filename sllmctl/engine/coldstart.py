@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sllmctl.engine.model import Transformer
-    from sllmctl.store.gpu_copy import GpuLoad
+    from sllmctl.store.gpu.copy import GpuLoad
 
 
 def layer_of(name: str) -> int | None:

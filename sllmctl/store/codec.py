@@ -21,14 +21,11 @@ them there; `read_into` decodes on the CPU (the CPU path, `verify`, the DRAM tie
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from sllmctl.store.format import DataFile, align_up
-
-if TYPE_CHECKING:
-    import torch
 
 ENCODING = "split-zstd"
 LEVEL = 1  # zstd level: higher levels save about 1 % more of a plane and compress 2-4x slower
@@ -126,6 +123,8 @@ def decode_frame(stored: np.ndarray, n: int, z: int, out: np.ndarray) -> None:
         out[:] = stored[:n]
         return
     h = n // 2
+    if stored[h + z:].any():
+        raise FrameError("its padding is not zero")
     hi = np.empty(h, dtype=np.uint8)
     decompress_into(stored[h:h + z], hi)
     weave(stored[:h], hi, out)
@@ -164,32 +163,3 @@ def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: n
         read += n
         sums.append(s)
     return read, sums
-
-
-def split_piece(model: Any, offset: int, length: int, buf: torch.Tensor, start: int,
-                layout: Layout) -> list[tuple[int, int, Any, Any]]:
-    """A piece's frames, read from disk into `buf` (from byte `start` of the file), made
-    ready for the GPU: each split frame's high bytes are decompressed into `buf` past the
-    stored bytes. Returns (offset in file, length, low bytes or whole chunk, high bytes or
-    None) per frame; CorruptCheckpoint names a frame that does not decode."""
-    from sllmctl.errors import CorruptCheckpoint
-    from sllmctl.store.reader import reconvert_hint
-
-    out: list[tuple[int, int, Any, Any]] = []
-    spare = length  # stored bytes never exceed the logical ones; the high planes go after
-    for i, n, at, z in layout.frames(offset, length):
-        rel = at - start
-        if z == 0:
-            out.append((i * layout.chunk, n, buf[rel:rel + n], None))
-            continue
-        h = n // 2
-        hi = buf[spare:spare + h]
-        try:
-            decompress_into(buf[rel + h:rel + h + z].numpy(), hi.numpy())
-        except FrameError as e:
-            raise CorruptCheckpoint(
-                f"model {model.name}: data file {layout.file.path} chunk {i} does not "
-                f"decode ({e})", hint=reconvert_hint(model)) from None
-        out.append((i * layout.chunk, n, buf[rel:rel + h], hi))
-        spare += h
-    return out

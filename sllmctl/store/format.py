@@ -1,4 +1,4 @@
-"""The sllmctl checkpoint format, versions 1 and 2 (specified in docs/format.md).
+"""The sllmctl checkpoint format, versions 1 to 3 (specified in docs/format.md).
 
 A model is a folder holding `manifest.json`, one or more raw data files
 (`data-00000.bin`, ...) and the source's non-weight files under `files/`.
@@ -7,12 +7,15 @@ padded to a multiple of ALIGNMENT, so any chunk can be read with O_DIRECT straig
 an aligned buffer and any tensor viewed in place. Each data file is covered by
 checksums over fixed-size chunks (the last one may be shorter). Version 2 adds compressed
 data files, stored chunk by chunk as frames (codec.py); sizes, offsets and checksums still
-refer to the decoded bytes.
+refer to the decoded bytes. Version 3 adds the manifest's own checksum (`manifest_sha256`),
+so that a damaged manifest is refused rather than read as a different model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,7 +24,9 @@ import numpy as np
 from sllmctl.errors import CorruptCheckpoint
 
 MAGIC = "sllmctl-checkpoint"
-READ_VERSIONS = (1, 2)  # written: 2 where a data file is encoded, else 1
+READ_VERSIONS = (1, 2, 3)
+WRITE_VERSION = 3
+MANIFEST_SUM = "manifest_sha256"
 ENCODINGS = ("split-zstd",)  # see codec.py
 ALIGNMENT = 4096  # bytes; O_DIRECT block and page size, and a multiple of every GPU access width
 CHUNK_SIZE = 16 << 20  # bytes covered by one checksum; a multiple of ALIGNMENT
@@ -29,6 +34,10 @@ CHECKSUM = "sum64x2"
 PAGE_WORDS = 512  # 4096 bytes of 64-bit words per checksum page
 MANIFEST = "manifest.json"
 FILES_DIR = "files"
+# a data file or non-weight file name: one path component that cannot leave the model folder
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_SUM_FIELD = re.compile(rb'"manifest_sha256": "([0-9a-f]{64})"')
+_UNSET = "0" * 64
 
 # format dtype name -> (bytes per element, torch dtype attribute name).
 # The names are those of safetensors; F8_E8M0 and C64 follow its spelling too.
@@ -166,22 +175,31 @@ class Manifest:
         d = asdict(self)
         d["files"] = [{k: v for k, v in f.items() if v is not None} for f in d["files"]]
         head = {k: d.pop(k) for k in ("magic", "format_version", "name")}
-        return json.dumps({**head, **d}, indent=1) + "\n"
+        return seal({**head, **d})
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> Manifest:
+    def from_json(cls, raw: bytes | str, where: str) -> Manifest:
+        """Parse and check a manifest; CorruptCheckpoint (one line, starting with `where`)
+        for anything that is not a sound manifest of a version this reader knows."""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        sealed = check_seal(raw, where)
         try:
-            d = json.loads(text)
-        except ValueError as e:
-            raise CorruptCheckpoint(f"{where}: manifest is not valid JSON ({e})") from None
+            d = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CorruptCheckpoint(f"{where}: manifest is not valid JSON ({why})") from None
         if not isinstance(d, dict) or d.get("magic") != MAGIC:
             raise CorruptCheckpoint(f"{where}: not an sllmctl manifest (bad magic)")
-        if d.get("format_version") not in READ_VERSIONS:
+        version = d.get("format_version")
+        if type(version) is not int or version not in READ_VERSIONS:
             raise CorruptCheckpoint(
-                f"{where}: format version {d.get('format_version')} is not supported "
+                f"{where}: format version {version!r} is not supported "
                 f"(this sllmctl reads versions {', '.join(map(str, READ_VERSIONS))})",
                 hint="upgrade sllmctl, or convert the model again",
             )
+        if d.pop(MANIFEST_SUM, None) != sealed or (version >= 3 and sealed is None):
+            raise CorruptCheckpoint(f"{where}: manifest has no valid {MANIFEST_SUM} (damaged)")
         try:
             m = cls(
                 **{
@@ -190,23 +208,23 @@ class Manifest:
                     "tensors": {k: TensorEntry(**t) for k, t in d["tensors"].items()},
                 }
             )
-        except (TypeError, KeyError, AttributeError) as e:
-            raise CorruptCheckpoint(f"{where}: malformed manifest ({e})") from None
-        m.validate(where)
+            m.validate(where)
+        except (TypeError, KeyError, AttributeError, ValueError) as e:
+            raise CorruptCheckpoint(f"{where}: malformed manifest ({_one_line(e)})") from None
         return m
 
     def validate(self, where: str) -> None:
-        """Reject a manifest whose entries could read outside the data files."""
+        """Reject a manifest whose entries could read outside the data files or the model
+        folder. Field types are checked here; TypeError/ValueError mean a malformed one."""
+        _want(isinstance(self.name, str) and _is_int(self.chunk_size, 1), "bad name or chunk")
         if self.checksum != CHECKSUM or self.chunk_size % ALIGNMENT or self.alignment != ALIGNMENT:
             raise CorruptCheckpoint(f"{where}: unsupported checksum/chunk/alignment settings")
         for f in self.files:
-            if "/" in f.path or f.path.startswith(".") or f.size % ALIGNMENT:
-                raise CorruptCheckpoint(f"{where}: bad data file entry {f.path!r}")
-            if len(f.checksums) != -(-f.size // self.chunk_size):
-                raise CorruptCheckpoint(f"{where}: {f.path} has the wrong number of checksums")
-            if f.encoding is not None or f.frames is not None or f.stored_size is not None:
-                self._validate_encoding(f, where)
+            self._validate_file(f, where)
         for name, t in self.tensors.items():
+            _want(isinstance(t.shape, list) and all(_is_int(d) for d in t.shape)
+                  and _is_int(t.offset) and _is_int(t.nbytes) and type(t.file) is int,
+                  f"tensor {name!r} has a bad entry")
             if t.dtype not in DTYPES or not 0 <= t.file < len(self.files):
                 raise CorruptCheckpoint(f"{where}: tensor {name!r} has a bad dtype or file")
             count = 1
@@ -221,6 +239,22 @@ class Manifest:
         for alias, target in self.aliases.items():
             if target not in self.tensors:
                 raise CorruptCheckpoint(f"{where}: alias {alias!r} points to a missing tensor")
+        for fname, meta in self.extra_files.items():
+            if not FILE_NAME.fullmatch(fname):
+                raise CorruptCheckpoint(f"{where}: bad non-weight file name {fname!r}")
+            _want(isinstance(meta, dict) and _is_int(meta.get("size"))
+                  and isinstance(meta.get("sha256"), str), f"file {fname!r} has a bad entry")
+        _want(isinstance(self.provenance, dict), "provenance is not an object")
+
+    def _validate_file(self, f: DataFile, where: str) -> None:
+        _want(isinstance(f.path, str) and _is_int(f.size) and isinstance(f.checksums, list)
+              and all(isinstance(c, str) for c in f.checksums), "bad data file entry")
+        if not FILE_NAME.fullmatch(f.path) or f.size % ALIGNMENT:
+            raise CorruptCheckpoint(f"{where}: bad data file entry {f.path!r}")
+        if len(f.checksums) != -(-f.size // self.chunk_size):
+            raise CorruptCheckpoint(f"{where}: {f.path} has the wrong number of checksums")
+        if f.encoding is not None or f.frames is not None or f.stored_size is not None:
+            self._validate_encoding(f, where)
 
     def _validate_encoding(self, f: DataFile, where: str) -> None:
         if self.format_version < 2 or f.encoding not in ENCODINGS:
@@ -228,7 +262,7 @@ class Manifest:
                                     f"{f.encoding!r} (format version {self.format_version})")
         frames = f.frames
         if (not isinstance(frames, list) or len(frames) != len(f.checksums)
-                or not all(isinstance(z, int) and z >= 0 for z in frames)):
+                or not all(_is_int(z) for z in frames)):
             raise CorruptCheckpoint(f"{where}: {f.path} has a bad frame list")
         lengths = f.frame_lengths(self.chunk_size)
         for i, length in enumerate(lengths):
@@ -239,3 +273,39 @@ class Manifest:
         if f.stored_size != stored:
             raise CorruptCheckpoint(f"{where}: {f.path} stored size {f.stored_size} does not "
                                     f"match its frames ({stored})")
+
+
+def seal(d: dict[str, Any]) -> str:
+    """A manifest's text with its own checksum as the last field: SHA-256 of the UTF-8 text
+    written with 64 "0" digits in its place (docs/format.md, *The manifest's checksum*)."""
+    d = {k: v for k, v in d.items() if k != MANIFEST_SUM}
+    text = json.dumps({**d, MANIFEST_SUM: _UNSET}, indent=1) + "\n"
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    placeholder = f'"{MANIFEST_SUM}": "{_UNSET}"'
+    return text.replace(placeholder, f'"{MANIFEST_SUM}": "{digest}"')
+
+
+def check_seal(raw: bytes, where: str) -> str | None:
+    """The manifest checksum `raw` carries, checked (None where it carries none)."""
+    found = list(_SUM_FIELD.finditer(raw))
+    if not found:
+        return None
+    m = found[0]
+    digest = m.group(1).decode()
+    unsealed = raw[:m.start(1)] + _UNSET.encode() + raw[m.end(1):]
+    if len(found) > 1 or hashlib.sha256(unsealed).hexdigest() != digest:
+        raise CorruptCheckpoint(f"{where}: manifest fails its checksum (damaged)")
+    return digest
+
+
+def _is_int(v: Any, least: int = 0) -> bool:
+    return type(v) is int and v >= least
+
+
+def _want(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]

@@ -7,95 +7,30 @@ of those buffers, so a model costs one allocation per data file and no per-tenso
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from sllmctl.errors import CorruptCheckpoint
-from sllmctl.store.codec import UNDECODABLE, read_into
-from sllmctl.store.format import ALIGNMENT, FILES_DIR, DataFile, torch_dtype
+from sllmctl.store.codec import UNDECODABLE
+from sllmctl.store.datafile import (
+    aligned_empty,
+    check_chunks,
+    default_threads,
+    open_data,
+    read_extra,
+    read_verify,
+    reconvert_hint,
+    tensor_views,
+    try_read_extra,
+)
+from sllmctl.store.format import FILES_DIR, DataFile
 from sllmctl.store.store import Store, StoredModel
 
 if TYPE_CHECKING:
     import torch
 
 VERIFY_WINDOW = 256 << 20  # bytes `verify` reads at a time
-
-
-def default_threads() -> int:
-    return max(4, min(32, 2 * (os.cpu_count() or 1)))
-
-
-def aligned_empty(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU tensor whose data starts at an ALIGNMENT boundary."""
-    import torch
-
-    raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8)
-    skip = -raw.data_ptr() % ALIGNMENT
-    return raw[skip:skip + nbytes]
-
-
-def open_data(model: StoredModel, f: DataFile, direct: bool = False) -> int:
-    """Open a data file, checking its size; O_DIRECT when asked and possible."""
-    path = model.path / f.path
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-    fd = -1
-    if direct and hasattr(os, "O_DIRECT"):
-        try:
-            fd = os.open(path, flags | os.O_DIRECT)
-        except OSError:
-            fd = -1  # file system without O_DIRECT (tmpfs): read through the page cache
-    if fd < 0:
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise CorruptCheckpoint(
-                f"model {model.name}: data file {f.path} is missing", hint=reconvert_hint(model)
-            ) from None
-    size = os.fstat(fd).st_size
-    if size != f.on_disk:
-        os.close(fd)
-        raise CorruptCheckpoint(
-            f"model {model.name}: data file {f.path} is {size} bytes, expected {f.on_disk} "
-            "(truncated or damaged)",
-            hint=reconvert_hint(model),
-        )
-    return fd
-
-
-def reconvert_hint(model: StoredModel) -> str:
-    source = model.manifest.provenance.get("source", "SRC")
-    return f"convert it again: sllmctl convert {source} --name {model.name} --force"
-
-
-def check_chunks(model: StoredModel, f: DataFile, first: int, sums: list[str]) -> None:
-    chunk = model.manifest.chunk_size
-    for i, got in enumerate(sums, start=first):
-        if got != f.checksums[i]:
-            end = min((i + 1) * chunk, f.size)
-            fails = "does not decode" if got == UNDECODABLE else "fails its checksum"
-            raise CorruptCheckpoint(
-                f"model {model.name}: data file {f.path} chunk {i} (bytes {i * chunk}-{end}) "
-                f"{fails}",
-                hint=reconvert_hint(model),
-            )
-
-
-def read_verify(model: StoredModel, f: DataFile, fd: int, addr: int, length: int,
-                offset: int, threads: int) -> tuple[int, list[str]]:
-    """native.read_verify for any data file: chunks [offset, offset + length) into memory at
-    `addr`, decoded where the file is encoded; (bytes read, each chunk's checksum)."""
-    from sllmctl import native
-
-    chunk = model.manifest.chunk_size
-    if f.encoding is None:
-        return native.read_verify(fd, addr, length, offset, chunk, threads)
-    out = np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(addr))
-    return read_into(fd, f, chunk, offset, length, out, threads)
 
 
 def read_file(
@@ -127,17 +62,6 @@ def read_file(
     return buf
 
 
-def tensor_views(model: StoredModel, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict as views of per-file buffers (aliases share their target's view)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, e in model.manifest.tensors.items():
-        raw = buffers[e.file][e.offset:e.offset + e.nbytes]
-        out[name] = raw.view(torch_dtype(e.dtype)).view(e.shape)
-    for alias, target in model.manifest.aliases.items():
-        out[alias] = out[target]
-    return out
-
-
 def load_state_dict(
     name: str,
     device: Any = "cpu",
@@ -156,8 +80,11 @@ def load_state_dict(
 
     model = (store or Store()).get(name)
     device = torch.device(device)
+    if verify:  # small; the engine reads its config and tokenizer from them
+        for fname in model.manifest.extra_files:
+            read_extra(model, fname)
     if device.type == "cuda":
-        from sllmctl.store.gpu_loader import load_to_gpu
+        from sllmctl.store.gpu.loader import load_to_gpu
 
         return load_to_gpu(model, device, verify=verify)
     buffers = [read_file(model, f, verify=verify, threads=threads)
@@ -219,14 +146,9 @@ def verify(name: str, *, store: Store | None = None, threads: int | None = None,
                     progress(length)
         finally:
             os.close(fd)
-    for fname, meta in model.manifest.extra_files.items():
-        try:
-            data = (model.path / FILES_DIR / fname).read_bytes()
-        except OSError as e:
+    for fname in model.manifest.extra_files:
+        _, problem = try_read_extra(model, fname)
+        if problem is not None:
             report.bad.append({"file": f"{FILES_DIR}/{fname}", "chunk": None,
-                               "error": e.strerror})
-            continue
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            report.bad.append({"file": f"{FILES_DIR}/{fname}", "chunk": None,
-                               "error": "sha256 mismatch"})
+                               "error": problem})
     return report

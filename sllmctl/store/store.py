@@ -13,24 +13,26 @@ and any .data folder no symlink points to, is garbage that `collect_garbage` rem
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sllmctl import paths
-from sllmctl.errors import NotFound, SllmError
+from sllmctl.errors import CorruptCheckpoint, NotFound, SllmError
 from sllmctl.procs import alive
-from sllmctl.store.format import MANIFEST, Manifest
+from sllmctl.store.format import FILES_DIR, MANIFEST, Manifest
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # whole names only: fullmatch
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise SllmError(
             f"invalid model name {name!r}",
             hint="use letters, digits, '.', '_' and '-' (128 at most), starting with a "
@@ -44,6 +46,43 @@ class StoredModel:
     name: str
     path: Path
     manifest: Manifest
+
+    def check_files(self) -> None:
+        """What a listing can check without reading data: every file the manifest names is
+        a regular file (not a link) of its size. CorruptCheckpoint names the first that is
+        not."""
+        expect = [(f.path, f.on_disk) for f in self.manifest.files]
+        expect += [(f"{FILES_DIR}/{n}", meta["size"])
+                   for n, meta in self.manifest.extra_files.items()]
+        for rel, size in expect:
+            try:
+                st = os.lstat(self.path / rel)
+            except OSError as e:
+                why = "is missing" if isinstance(e, FileNotFoundError) else e.strerror
+                raise CorruptCheckpoint(f"model {self.name}: {rel} {why}",
+                                        hint=remove_hint(self.name)) from None
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else (
+                    f"is {st.st_size} bytes, expected {size} (truncated or damaged)")
+                raise CorruptCheckpoint(f"model {self.name}: {rel} {what}",
+                                        hint=remove_hint(self.name))
+
+
+@dataclass
+class StoreEntry:
+    """One entry of `Store.entries`: a readable model, or the error that makes it corrupt."""
+
+    name: str
+    model: StoredModel | None
+    error: str | None = None
+
+    @property
+    def corrupt(self) -> bool:
+        return self.error is not None
+
+
+def remove_hint(name: str) -> str:
+    return f"sllmctl rm {name}, then convert it again"
 
 
 class Store:
@@ -65,10 +104,29 @@ class Store:
             return []
         return [e for e in entries if not e.startswith(".") and (self.root / e).is_symlink()]
 
+    def entries(self) -> list[StoreEntry]:
+        """Every model, each either readable (its manifest sound and its files of the right
+        sizes) or marked corrupt with the one-line reason; one damaged model never hides the
+        others. Data bytes are not read: `verify` does that."""
+        out = []
+        for name in self.names():
+            try:
+                model = self.get(name)
+                model.check_files()
+            except NotFound:  # removed while listing
+                continue
+            except CorruptCheckpoint as e:
+                out.append(StoreEntry(name, None, e.message))
+                continue
+            out.append(StoreEntry(name, model))
+        return out
+
     def exists(self, name: str) -> bool:
         return (self.root / name).is_symlink()
 
     def path(self, name: str) -> Path:
+        """The model folder `name` links to. A link that leads anywhere but to a folder
+        directly under .data (absolute, `..`, or through another link) is refused."""
         check_name(name)
         link = self.root / name
         if not link.is_symlink():
@@ -76,21 +134,27 @@ class Store:
             close = [n for n in known if name.lower() in n.lower() or n.lower() in name.lower()]
             hint = f"did you mean {close[0]}?" if close else "run `sllmctl ls` to list models"
             raise NotFound(f"no model named {name!r} in {self.root}", hint=hint)
-        return self.root / os.readlink(link)
+        target = os.readlink(link)
+        parts = Path(target).parts
+        folder = self.root / target
+        if (len(parts) != 2 or parts[0] != self.data_dir.name or parts[1] in (".", "..")
+                or folder.is_symlink() or self.data_dir.is_symlink()):
+            raise CorruptCheckpoint(
+                f"model {name}: its link points outside the store's model folders ({target})",
+                hint=f"remove the link itself (not what it points to): rm {link}")
+        return folder
 
     def get(self, name: str) -> StoredModel:
         folder = self.path(name)
         where = f"model {name}"
         try:
-            text = (folder / MANIFEST).read_text()
+            fd = os.open(folder / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                raw = f.read()
         except OSError as e:
-            from sllmctl.errors import CorruptCheckpoint
-
-            raise CorruptCheckpoint(
-                f"{where}: manifest cannot be read ({e.strerror})",
-                hint=f"sllmctl rm {name}, then convert it again",
-            ) from None
-        return StoredModel(name, folder, Manifest.from_json(text, where))
+            raise CorruptCheckpoint(f"{where}: manifest cannot be read ({e.strerror})",
+                                    hint=remove_hint(name)) from None
+        return StoredModel(name, folder, Manifest.from_json(raw, where))
 
     def new_tmp(self, name: str) -> Path:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -105,13 +169,18 @@ class Store:
         os.rename(tmp, final)
         link_tmp = self.tmp_dir / f"{final.name}.link"
         os.symlink(os.path.relpath(final, self.root), link_tmp)
-        old = self.path(name) if self.exists(name) else None
+        old = None
+        if self.exists(name):
+            with contextlib.suppress(CorruptCheckpoint):  # a bad link is replaced, not followed
+                old = self.path(name)
         os.rename(link_tmp, self.root / name)
         _fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def remove(self, name: str) -> None:
+        """Remove the link, then its folder; only ever a folder directly under .data (`path`
+        refuses any other), and links inside it are removed, never followed."""
         folder = self.path(name)
         os.unlink(self.root / name)
         _fsync_dir(self.root)
@@ -119,7 +188,9 @@ class Store:
 
     def collect_garbage(self) -> list[str]:
         """Remove abandoned conversions and unreferenced model folders."""
-        removed = []
+        removed: list[str] = []
+        if self.data_dir.is_symlink() or self.tmp_dir.is_symlink():
+            return removed  # not made by sllmctl: nothing under them is ours to delete
         live = {os.path.realpath(self.root / n) for n in self.names()}
         for entry in _listdir(self.tmp_dir):
             path = self.tmp_dir / entry

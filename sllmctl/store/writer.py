@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sllmctl import __version__
+from sllmctl._version import __version__
 from sllmctl.errors import AlreadyExists, SllmError
 from sllmctl.store.codec import ENCODING, encode_chunk
 from sllmctl.store.format import (
@@ -23,13 +23,15 @@ from sllmctl.store.format import (
     DTYPES,
     FILES_DIR,
     MANIFEST,
+    WRITE_VERSION,
     DataFile,
     Manifest,
     TensorEntry,
     align_up,
     torch_dtype,
 )
-from sllmctl.store.sources import Source, SourceTensor, open_source
+from sllmctl.store.sources import open_source
+from sllmctl.store.sources.base import Source, SourceTensor
 from sllmctl.store.store import Store, _fsync_dir, check_name
 
 MAX_FILE_SIZE = 4 << 30  # a new data file starts past this (a larger tensor gets its own)
@@ -135,7 +137,7 @@ def _write(
     }
     manifest = Manifest(name=name, files=files, tensors=plan.tensors, aliases=plan.aliases,
                         extra_files=extra, provenance=provenance,
-                        format_version=2 if compress else 1)
+                        format_version=WRITE_VERSION)
     manifest.validate(f"model {name}")
     _write_synced(folder / MANIFEST, manifest.to_json().encode())
     _fsync_dir(folder)

@@ -1,109 +1,18 @@
-"""Checkpoint sources that `convert` reads: a common shape for every input format.
-
-A source lists its tensors without reading them; each `SourceTensor.load()` returns a
-contiguous CPU tensor. `storage_key` identifies the storage a tensor lives in, so that
-tensors sharing storage in the source (tied weights) are written once.
-"""
+"""A Hugging Face model folder or one weights file: safetensors, or PyTorch .bin/.pt."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sllmctl.errors import SllmError
+from sllmctl.store.sources.base import Source, SourceError, SourceTensor, read_index
 
 if TYPE_CHECKING:
     import torch
 
-# Non-weight files of a Hugging Face model folder that a converted model keeps.
-KEPT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-)
 
-
-@dataclass
-class SourceTensor:
-    name: str
-    dtype: str  # format dtype name (see sllmctl.store.format.DTYPES), as stored in the source
-    shape: tuple[int, ...]
-    load: Callable[[], torch.Tensor]
-    storage_key: Any = None  # equal keys (not None) mean the same bytes in the source
-
-
-@dataclass
-class Source:
-    format: str  # "safetensors" | "pytorch" | "gguf"
-    path: str
-    tensors: list[SourceTensor]
-    extra_files: dict[str, bytes] = field(default_factory=dict)
-    provenance: dict[str, Any] = field(default_factory=dict)
-    closers: list[Callable[[], None]] = field(default_factory=list)
-
-    def close(self) -> None:
-        for close in self.closers:
-            close()
-        self.closers.clear()
-
-
-class SourceError(SllmError):
-    """A checkpoint that cannot be read."""
-
-
-def kept_files(folder: Path) -> dict[str, bytes]:
-    return {n: (folder / n).read_bytes() for n in KEPT_FILES if (folder / n).is_file()}
-
-
-def read_index(path: Path) -> list[str]:
-    """Shard file names listed by a `*.index.json` weight map, in first-seen order."""
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SourceError(f"{path}: not a valid index file ({e})") from None
-    return list(dict.fromkeys(weight_map.values()))
-
-
-def open_source(path: Path, dtype: str | None) -> Source:
-    """Open a checkpoint: a GGUF file, a safetensors or .bin file, or a model folder."""
-    if not path.exists():
-        raise SourceError(f"{path}: no such file or folder")
-    if path.is_file():
-        folder, files = path.parent, [path]
-    else:
-        folder, files = path, _weight_files(path)
-    suffixes = {f.suffix for f in files}
-    if suffixes == {".gguf"}:
-        if len(files) != 1:
-            raise SourceError(f"{path}: holds several GGUF files; name the one to convert")
-        from sllmctl.store.gguf_source import open_gguf
-
-        return open_gguf(files[0], dtype or "BF16")
-    if suffixes == {".safetensors"}:
-        source = _open_safetensors(files)
-    elif suffixes <= {".bin", ".pt", ".pth"}:
-        source = _open_torch(files)
-    else:
-        raise SourceError(f"{path}: cannot tell the checkpoint format from {sorted(suffixes)}")
-    source.path = str(path)
-    source.extra_files = kept_files(folder)
-    source.provenance = {"source": str(path.resolve()), "format": source.format}
-    return source
-
-
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     for index, pattern in (
         ("model.safetensors.index.json", "*.safetensors"),
         ("pytorch_model.bin.index.json", "*.bin"),
@@ -125,7 +34,7 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _open_safetensors(files: list[Path]) -> Source:
+def open_safetensors(files: list[Path]) -> Source:
     from safetensors import SafetensorError, safe_open
 
     tensors: list[SourceTensor] = []
@@ -165,15 +74,15 @@ def _safetensors_loader(handle: Any, name: str, file: Path) -> Callable[[], torc
     return load
 
 
-def _open_torch(files: list[Path]) -> Source:
+def open_torch(files: list[Path]) -> Source:
     import pickle
     import zipfile
 
     import torch
 
-    tensors: list[SourceTensor] = []
     from sllmctl.store.format import dtype_name
 
+    tensors: list[SourceTensor] = []
     for file in files:
         try:
             try:

@@ -8,7 +8,11 @@ to 1 GiB, in a thread of its own: the first copy starts once the first piece is 
 the rest is mapped while copies run. It uses CUDA's virtual memory management through the
 driver API (libcuda, by ctypes): cuMemAddressReserve, then cuMemCreate + cuMemMap +
 cuMemSetAccess per piece. The tensor is made from `__cuda_array_interface__`; the range is
-unmapped and released when the last view of it is gone.
+unmapped and released when the last view of it is gone. `MappedGpuLoad` is a GpuLoad whose
+file memory is a MappedRange.
+
+Not in the product: benchmarks/load.py measures it against the caching allocator, which keeps
+a previous load's memory and so spares the daemon the allocation altogether.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import contextlib
 import ctypes
 import threading
 from typing import TYPE_CHECKING, Any
+
+from sllmctl.store.gpu.copy import GpuLoad, Source
 
 if TYPE_CHECKING:
     import torch
@@ -200,3 +206,29 @@ class _Owner:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit the driver may be gone
             self.mapped.free()
+
+
+class MappedGpuLoad(GpuLoad):
+    """A GpuLoad into MappedRanges: each copy waits only for its own bytes to be mapped."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._ranges: dict[int, MappedRange] = {}  # by the address of the file's memory
+        super().__init__(*args, **kwargs)
+
+    def _new_memory(self, size: int) -> torch.Tensor:
+        if not size:
+            return super()._new_memory(size)
+        r = MappedRange(size, self.device.index or 0)
+        t = r.tensor()
+        self._ranges[t.data_ptr()] = r
+        return t
+
+    def run(self, source: Source) -> dict[str, torch.Tensor]:
+        def waited() -> Source:
+            for p, buf, release in source:
+                r = self._ranges.get(self._allocate(p.file).data_ptr())
+                if r is not None:
+                    r.wait(p.offset + p.length)
+                yield p, buf, release
+
+        return super().run(waited())

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sllmctl.store.format import DTYPES, torch_dtype
-from sllmctl.store.sources import Source, SourceError, SourceTensor
+from sllmctl.store.sources.base import Source, SourceError, SourceTensor
 
 if TYPE_CHECKING:
     import torch

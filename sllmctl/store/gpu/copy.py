@@ -6,8 +6,8 @@ two integer reductions), and compares every chunk with the manifest with one syn
 at the end. Run in the caller's thread or in the background; in the background it hands out
 the tensor views at once and says, per byte range, when the copies are queued and which
 events to wait for (the layer-pipelined cold start uses this). Where the pieces come from
-(disk, page cache, the DRAM tier) is gpu_loader.py's business, the checksums
-gpu_checksums.py's.
+(disk, page cache, the DRAM tier) is loader.py's and pinned.py's business, the checksums
+checksums.py's.
 """
 
 from __future__ import annotations
@@ -16,50 +16,15 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sllmctl.store.gpu_checksums import GpuChecker, expected_sums
-from sllmctl.store.reader import tensor_views
+from sllmctl.store.datafile import Piece, tensor_views
+from sllmctl.store.gpu.checksums import GpuChecker, expected_sums
+from sllmctl.store.gpu.split import Split, unsplit
 from sllmctl.store.store import StoredModel
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass
-class Piece:
-    file: int
-    offset: int
-    length: int
-
-
-@dataclass
-class Split:
-    """A piece of an encoded data file in host memory, frame by frame (codec.py): (offset in
-    the file, length, the low bytes or the whole chunk, the high bytes or None)."""
-
-    frames: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]
-
-
-def unsplit(buffer: torch.Tensor, split: Split) -> None:
-    """Queue on the current stream the copies of an encoded piece's frames into `buffer` (its
-    data file's memory): a plain frame straight to its place, a split one as its two planes
-    into a staging buffer and from there woven into place. The staging memory is reused by
-    the next frame once this one's weave is done, in stream order."""
-    import torch
-
-    for off, n, a, b in split.frames:
-        dst = buffer[off:off + n]
-        if b is None:
-            dst.copy_(a, non_blocking=True)
-            continue
-        h = n // 2
-        stage = torch.empty(n, dtype=torch.uint8, device=buffer.device)
-        stage[:h].copy_(a, non_blocking=True)
-        stage[h:].copy_(b, non_blocking=True)
-        dst.view(h, 2).copy_(stage.view(2, h).t())
-
 
 # What a load copies, in any order: (piece, host buffer holding it or its frames, release).
 # `release` is called once the copy no longer needs the buffer; None where nothing needs
@@ -80,7 +45,7 @@ class GpuLoad:
     for those copies; `result` waits for the whole load and its verification."""
 
     def __init__(self, model: StoredModel, device: Any, verify: bool = True,
-                 allocate_now: bool = False, mapped: bool = False) -> None:
+                 allocate_now: bool = False) -> None:
         import time
 
         import torch
@@ -92,10 +57,6 @@ class GpuLoad:
         self.model, self.device = model, torch.device(device)
         files = model.manifest.files
         self.buffers: list[torch.Tensor | None] = [None] * len(files)
-        # mapped: each file's memory is a MappedRange (gpu_memory.py), backed piece by piece
-        # while the copies run, rather than one cudaMalloc before its first copy
-        self.mapped = mapped
-        self._ranges: list[Any] = [None] * len(files)
         with torch.cuda.device(self.device):
             self.copy_stream = torch.cuda.Stream(self.device)
             self.sum_stream = torch.cuda.Stream(self.device)
@@ -122,27 +83,16 @@ class GpuLoad:
         self.timings[stage] = round(time.perf_counter() - self._t0, 4)
 
     def _allocate(self, i: int) -> torch.Tensor:
-        import torch
-
+        """Data file i's GPU memory, allocated on first use."""
         t = self.buffers[i]
         if t is None:
-            size = self.model.manifest.files[i].size
-            if self.mapped and size:
-                from sllmctl.store.gpu_memory import MappedRange
-
-                r = MappedRange(size, self.device.index or 0)
-                self._ranges[i] = r
-                t = r.tensor()
-            else:
-                t = torch.empty(size, dtype=torch.uint8, device=self.device)
-            self.buffers[i] = t
+            t = self.buffers[i] = self._new_memory(self.model.manifest.files[i].size)
         return t
 
-    def _ready(self, file: int, end: int) -> None:
-        """Wait until a file's memory is backed up to byte `end` (mapped loads)."""
-        r = self._ranges[file]
-        if r is not None:
-            r.wait(end)
+    def _new_memory(self, size: int) -> torch.Tensor:
+        import torch
+
+        return torch.empty(size, dtype=torch.uint8, device=self.device)
 
     def start(self, source: Source) -> GpuLoad:
         """Run the load in a background thread."""
@@ -170,15 +120,7 @@ class GpuLoad:
         import torch
 
         t0 = time.perf_counter()
-        recycle: queue.Queue[Any] = queue.Queue()
-
-        def recycler() -> None:
-            while (item := recycle.get()) is not None:
-                event, release = item
-                event.synchronize()
-                release()
-
-        thread: threading.Thread | None = None
+        recycler = _Recycler()
         first = torch.cuda.Event(enable_timing=True)
         last = torch.cuda.Event(enable_timing=True)
         verified = torch.cuda.Event(enable_timing=True)
@@ -189,51 +131,14 @@ class GpuLoad:
             with torch.cuda.device(self.device):
                 try:
                     for p, buf, release in source:
-                        # allocated when its first piece arrives, so that it overlaps the
-                        # copies of the files before it
-                        dst = self._allocate(p.file)[p.offset:p.offset + p.length]
-                        self._ready(p.file, p.offset + p.length)
-                        with torch.cuda.stream(self.copy_stream):
-                            if "first_copy" not in self.timings:
-                                first.record(self.copy_stream)
-                            if isinstance(buf, Split):
-                                unsplit(self._allocate(p.file), buf)
-                            else:
-                                dst.copy_(buf[: p.length], non_blocking=True)
-                            copied = torch.cuda.Event()
-                            copied.record(self.copy_stream)
-                        if release is not None:  # None: the buffer needs no handing back
-                            if thread is None:
-                                thread = threading.Thread(target=recycler, daemon=True,
-                                                          name="sllmctl-recycle")
-                                thread.start()
-                            recycle.put((copied, release))
-                        if "first_copy" not in self.timings:
-                            self._mark("first_copy")
-                        with self._cond:
-                            self._copied[p.file].append((p.offset, p.offset + p.length, copied))
-                            self._cond.notify_all()
-                        if self.checker is not None:
-                            self.sum_stream.wait_event(copied)
-                            with torch.cuda.stream(self.sum_stream):
-                                self.checker.add(p.file, p.offset, dst)
+                        self._copy(p, buf, release, first, recycler)
                     last.record(self.copy_stream)
                     with self._cond:
                         self._mark("queued")
                         self._cond.notify_all()
-                    # while the last copies run: the views, the expected sums, and the
-                    # comparison queued behind the last checksums
-                    self._views()
-                    self.sum_stream.wait_stream(self.copy_stream)
-                    with torch.cuda.stream(self.sum_stream):
-                        checked = (self.checker.compare(expected_sums(self.model, self.device))
-                                   if self.checker is not None else None)
-                        verified.record(self.sum_stream)
-                        settled.record(self.sum_stream)
+                    checked = self._queue_compare(verified, settled)
                 finally:
-                    if thread is not None:
-                        recycle.put(None)
-                        thread.join()
+                    recycler.close()
                 settled.synchronize()  # the one wait for the whole load
                 if self.checker is not None and checked is not None:
                     with torch.cuda.stream(self.sum_stream):
@@ -249,6 +154,50 @@ class GpuLoad:
             self.timings["gpu_tail"] = round(last.elapsed_time(verified) / 1e3, 4)
         self._finish(None)
         return self._views()
+
+    def _copy(self, p: Piece, buf: torch.Tensor | Split, release: Callable[[], None] | None,
+              first: torch.cuda.Event, recycler: _Recycler) -> None:
+        """Queue one piece's copy, hand its host buffer to the recycler, queue its checksum."""
+        import torch
+
+        # allocated when its first piece arrives, so that it overlaps the copies of the files
+        # before it
+        dst = self._allocate(p.file)[p.offset:p.offset + p.length]
+        with torch.cuda.stream(self.copy_stream):
+            if "first_copy" not in self.timings:
+                first.record(self.copy_stream)
+            if isinstance(buf, Split):
+                unsplit(self._allocate(p.file), buf)
+            else:
+                dst.copy_(buf[: p.length], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        if release is not None:  # None: the buffer needs no handing back
+            recycler.put(copied, release)
+        if "first_copy" not in self.timings:
+            self._mark("first_copy")
+        with self._cond:
+            self._copied[p.file].append((p.offset, p.offset + p.length, copied))
+            self._cond.notify_all()
+        if self.checker is not None:
+            self.sum_stream.wait_event(copied)
+            with torch.cuda.stream(self.sum_stream):
+                self.checker.add(p.file, p.offset, dst)
+
+    def _queue_compare(self, verified: torch.cuda.Event, settled: torch.cuda.Event
+                       ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """While the last copies run: the views, the expected sums, and the comparison queued
+        behind the last checksums (None where nothing is verified)."""
+        import torch
+
+        self._views()
+        self.sum_stream.wait_stream(self.copy_stream)
+        with torch.cuda.stream(self.sum_stream):
+            checked = (self.checker.compare(expected_sums(self.model, self.device))
+                       if self.checker is not None else None)
+            verified.record(self.sum_stream)
+            settled.record(self.sum_stream)
+        return checked
 
     def _finish(self, error: BaseException | None) -> None:
         with self._cond:
@@ -306,6 +255,33 @@ class GpuLoad:
                 raise self._error
         assert self.state is not None
         return self.state
+
+
+class _Recycler:
+    """Hands each host buffer back once its copy has finished, from a thread of its own
+    (started by the first buffer that needs handing back)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def put(self, copied: Any, release: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="sllmctl-recycle")
+            self._thread.start()
+        self._queue.put((copied, release))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            event, release = item
+            event.synchronize()
+            release()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _covering(copied: list[tuple[int, int, Any]], start: int, end: int) -> list[Any] | None:

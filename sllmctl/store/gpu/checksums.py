@@ -3,7 +3,7 @@
 `GpuChecker` sums each chunk with two integer reductions on the GPU (on a stream of its own,
 once the chunk has landed) and compares every chunk with the manifest's sums at the end of a
 load, with one synchronisation; `warm_up` runs its kernels once so that no load pays for
-loading their code. GpuLoad (gpu_copy.py) drives it.
+loading their code. GpuLoad (copy.py) drives it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sllmctl.errors import CorruptCheckpoint
+from sllmctl.store.datafile import reconvert_hint
 from sllmctl.store.format import ALIGNMENT, PAGE_WORDS, DataFile
-from sllmctl.store.reader import reconvert_hint
 from sllmctl.store.store import StoredModel
 
 if TYPE_CHECKING:
