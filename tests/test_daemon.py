@@ -18,10 +18,13 @@ import torch
 import zmq
 from safetensors.torch import save_file
 
-from sllmctl.daemon import client as dc
-from sllmctl.daemon import protocol as proto
 from sllmctl.errors import DaemonUnreachable, NotFound, SllmError
+from sllmctl.procs import alive
 from sllmctl.store.writer import convert
+from sllmctl.wire import client as dc
+from sllmctl.wire import codes
+from sllmctl.wire.envelope import PROTOCOL_VERSION
+from sllmctl.wire.runtime import connection_file, read_connection
 
 pytestmark = pytest.mark.daemon
 MiB = 1 << 20
@@ -48,7 +51,7 @@ def daemon() -> Iterator[int]:
 
 def stop(pid: int) -> None:
     sllmctl("daemon", "stop")
-    if dc.alive(pid):
+    if alive(pid):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -65,9 +68,9 @@ def status() -> dict[str, Any]:
 
 
 def test_connection_file_and_runtime_dir_are_private(daemon: int) -> None:
-    conn = dc.connection_file()
+    conn = connection_file()
     info = json.loads(conn.read_text())
-    assert info["pid"] == daemon and info["protocol_version"] == proto.PROTOCOL_VERSION
+    assert info["pid"] == daemon and info["protocol_version"] == PROTOCOL_VERSION
     assert info["endpoint"].startswith("ipc://")
     assert conn.stat().st_mode & 0o777 == 0o600
     assert conn.parent.stat().st_mode & 0o777 == 0o700
@@ -176,7 +179,7 @@ def test_bad_requests_are_refused_cleanly(daemon: int, tmp_path: Path) -> None:
         sock.send_multipart(frames)
         assert sock.poll(2000)
         reply = json.loads(sock.recv_multipart()[0])
-        assert reply["status"] == "error" and reply["error"]["code"] == proto.BAD_REQUEST
+        assert reply["status"] == "error" and reply["error"]["code"] == codes.BAD_REQUEST
     sock.close()
     assert status()["daemon"]["pid"] == daemon  # still serving
 
@@ -202,7 +205,7 @@ def test_kill_9_then_no_autostart_fails_fast_and_autostart_recovers(tmp_path: Pa
     assert sllmctl("warm", "kept", env=env).returncode == 3
     r = sllmctl("warm", "kept", "--json")  # autostart on: a fresh daemon does the job
     assert r.returncode == 0, r.stderr
-    fresh = dc.read_connection()
+    fresh = read_connection()
     assert fresh is not None and fresh.pid != pid
     try:
         assert json.loads(sllmctl("verify", "kept", "--json").stdout)["ok"]
@@ -224,15 +227,15 @@ def test_hung_daemon_gives_exit_3(daemon: int) -> None:
 
 def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     pid = start()
-    sock = dc.connection_file().parent / "daemon.sock"
+    sock = connection_file().parent / "daemon.sock"
     assert sock.exists()
     os.kill(pid, signal.SIGTERM)
     for _ in range(200):
-        if not dc.alive(pid):
+        if not alive(pid):
             break
         threading.Event().wait(0.05)
-    assert not dc.alive(pid)
-    assert not dc.connection_file().exists() and not sock.exists()
+    assert not alive(pid)
+    assert not connection_file().exists() and not sock.exists()
     assert sllmctl("daemon", "status").returncode == 3
 
 
@@ -246,7 +249,7 @@ def test_tcp_on_loopback_and_port_in_use(tmp_path: Path) -> None:
     port = free_port()
     pid = start("--listen", f"127.0.0.1:{port}")
     try:
-        assert dc.read_connection().endpoint == f"tcp://127.0.0.1:{port}"  # type: ignore[union-attr]
+        assert read_connection().endpoint == f"tcp://127.0.0.1:{port}"  # type: ignore[union-attr]
         assert status()["daemon"]["endpoint"] == f"tcp://127.0.0.1:{port}"
         other = {**os.environ, "SLLMCTL_RUNTIME_DIR": str(tmp_path / "run2")}
         r = sllmctl("daemon", "start", "--foreground", "--listen", f"127.0.0.1:{port}",
