@@ -46,13 +46,15 @@ MALFORMED: list[tuple[str, str, Any]] = [
     ("serve", "port", "8080"), ("serve", "port", 0), ("serve", "port", 70000),
     ("serve", "port", 80.5), ("serve", "host", ""), ("serve", "host", 7),
     ("serve", "keep_alive", "5m"), ("serve", "keep_alive", -2), ("serve", "keep_alive", 1e300),
-    ("serve", "api_key", ""), ("serve", "api_key", 5), ("unserve", "name", 1.5),
+    ("serve", "api_key", ""), ("serve", "api_key", 5), ("serve", "api_key", "k\u00e9y"),
+    ("serve", "api_key", "a key"), ("serve", "host", "\ud800"), ("serve", "host", "a b"),
+    ("unserve", "name", 1.5),
 ]
 
 
 def test_ops_are_one_table() -> None:
     assert set(messages.OPS) == set(EXAMPLES)
-    assert messages.FAST_OPS == {"status", "shutdown"}
+    assert {"status", "shutdown"} == messages.FAST_OPS
     for m in messages.MESSAGES.values():
         assert m.roles and m.roles <= {messages.ADMIN, messages.PEER, messages.READ}
 
@@ -170,3 +172,14 @@ def test_messages_are_dataclasses_with_rules() -> None:
     for m in messages.MESSAGES.values():
         for f in dataclasses.fields(m):
             assert isinstance(f.metadata["rule"], messages.Rule), (m.op, f.name)
+
+
+def test_the_wire_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, sllmctl.wire.client, sllmctl.wire.messages, sllmctl.wire.runtime; "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch', 'sllmctl.daemon', "
+            "'sllmctl.store', 'sllmctl.engine'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

@@ -22,6 +22,8 @@ from sllmctl.wire.envelope import show
 ADMIN, PEER, READ = "admin", "peer", "read"
 PING_MAX_DELAY = 60.0  # seconds; ping exists to test deadlines, not to hold a worker
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the store's rule for names
+HOST_RE = re.compile(r"[A-Za-z0-9.:%_\[\]-]+")  # a name or an IPv4/IPv6 address
+KEY_RE = re.compile(r"[!-~]+")  # printable ASCII: it goes in an HTTP header
 REDACTED = "***"
 _REQUIRED = object()
 
@@ -187,6 +189,12 @@ class Serve(Message):
 
     def check(self) -> None:
         _model_name(self.op, self.name)
+        if not HOST_RE.fullmatch(self.host):
+            raise BadRequest(f"serve: host must be a host name or address, not "
+                             f"{show(self.host)}", field="host")
+        if self.api_key is not None and not KEY_RE.fullmatch(self.api_key):
+            raise BadRequest("serve: api_key must be printable ASCII without spaces",
+                             field="api_key")
         if self.api_key is None and not loopback(self.host):
             raise BadRequest(
                 f"serving HTTP on {self.host} without an API key is refused: anyone who "
