@@ -17,7 +17,7 @@ from limits import PairedLimit
 def bench_daemon(name: str, model_bytes: int, limit: float, results: dict[str, Any],
                  record: Callable[..., None]) -> None:
     """`warm --tier gpu` through a real daemon: cold from disk, and from its DRAM tier."""
-    from sllmctl.daemon import client as dc
+    from sllmctl.wire import client as dc
 
     pool = f"{(model_bytes >> 30) + 2}GiB"
     c = dc.start_detached(dram_pool=pool, measure_bytes=256 << 20)

@@ -163,7 +163,7 @@ PROMPTS = {"short": "Say hi.", "long": "Tell me about this. " * 100}  # 7 and 20
 
 def bench_ttft(name: str, model_bytes: int, results: dict[str, Any], pipelined: bool,
                tiers: tuple[str, ...]) -> None:
-    from sllmctl.daemon import client as dc
+    from sllmctl.wire import client as dc
 
     os.environ["SLLMCTL_LAYER_PIPELINE"] = "1" if pipelined else "0"
     mode = "pipelined" if pipelined else "sequential"

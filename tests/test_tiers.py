@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sllmctl.daemon.tiers import REGION, SLAB, DoesNotFit, DramTier, region_sizes
+from sllmctl.daemon.dram_tier import REGION, SLAB, DramTier, region_sizes
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store.store import Store, StoredModel
 from sllmctl.store.writer import convert
+from sllmctl.wire.codes import DoesNotFit
 
 MiB = 1 << 20
 

@@ -19,8 +19,9 @@ ListenOpt = Annotated[
                  "or a trusted network."),
 ]
 PoolOpt = Annotated[
-    str, typer.Option("--dram-pool", help="Pinned DRAM pool: bytes, 8GiB, 512MB or a share of "
-                      "RAM such as 25%."),
+    Optional[str],  # noqa: UP045
+    typer.Option("--dram-pool", help="Pinned DRAM pool: bytes, 8GiB, 512MB or a share of "
+                 "RAM such as 25% (default: 25%)."),
 ]
 
 
@@ -29,26 +30,30 @@ def start(
     foreground: Annotated[bool, typer.Option("--foreground", help="Run in this process "
                                              "until SIGTERM or Ctrl-C.")] = False,
     listen: ListenOpt = None,
-    dram_pool: PoolOpt = "25%",
-    measure_bytes: Annotated[int, typer.Option(
-        "--measure-bytes", help="Bytes read to measure the disk at start.")] = 256 << 20,
+    dram_pool: PoolOpt = None,
+    measure_bytes: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--measure-bytes", help="Bytes read to measure the disk at start (default: "
+        "268435456).")] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Start the daemon (detached unless --foreground)."""
-    from sllmctl.daemon import client
+    """Start the daemon (detached unless --foreground); a daemon already running with other
+    settings is an error."""
+    from sllmctl.wire import client, runtime
 
-    endpoint = _endpoint(listen)
+    endpoint = runtime.listen_endpoint(listen) if listen else None
     if foreground:
-        conn = client.read_connection()
-        if conn and client.alive(conn.pid):
+        from sllmctl.procs import alive
+
+        conn = runtime.read_connection()
+        if conn and alive(conn.pid):
             from sllmctl.errors import SllmError
 
             raise SllmError(f"a daemon already runs (pid {conn.pid}, {conn.endpoint})",
                             hint="sllmctl daemon stop")
         from sllmctl.daemon.server import run
 
-        run(endpoint, dram_pool, measure_bytes)
+        run(endpoint, dram_pool or "25%", 256 << 20 if measure_bytes is None else measure_bytes)
         return
     c = client.start_detached(listen=listen, dram_pool=dram_pool, measure_bytes=measure_bytes)
     info = c.call("status")["daemon"]
@@ -56,22 +61,10 @@ def start(
         f"daemon running: pid {info['pid']}, {info['endpoint']}"))
 
 
-def _endpoint(listen: str | None) -> str | None:
-    if not listen:
-        return None
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        from sllmctl.errors import UsageError
-
-        raise UsageError(f"--listen wants HOST:PORT, not {listen!r}",
-                         hint="e.g. --listen 127.0.0.1:7070")
-    return f"tcp://{host or '127.0.0.1'}:{port}"
-
-
 @app.command("stop")
 def stop(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Stop the daemon (models in its tiers are unloaded; the store is untouched)."""
-    from sllmctl.daemon import client
+    from sllmctl.wire import client
 
     pid = client.stop()
     Out(json, quiet).result({"stopped": pid}, lambda: print(
@@ -81,7 +74,7 @@ def stop(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
 @app.command("status")
 def status(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Say whether the daemon runs and answers (never starts one; exit 3 if it is down)."""
-    from sllmctl.daemon import client
+    from sllmctl.wire import client
 
     info = client.connect(autostart=False).call("status")["daemon"]
     Out(json, quiet).result(info, lambda: print(

@@ -31,7 +31,7 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Load a model and serve it at /v1 (chat and completions, streaming); Ctrl-C unloads."""
-    from sllmctl.daemon.client import connect
+    from sllmctl.wire.client import connect
 
     out = Out(json, quiet)
     client = connect(autostart)

@@ -15,7 +15,7 @@ NAME = "status"
 
 
 def fetch(autostart: bool | None, measure: bool = False) -> dict[str, Any]:
-    from sllmctl.daemon.client import connect
+    from sllmctl.wire.client import connect
 
     client = connect(autostart)
     if measure:

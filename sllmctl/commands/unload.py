@@ -22,7 +22,7 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Unload a model from the GPU and/or DRAM tier."""
-    from sllmctl.daemon.client import connect
+    from sllmctl.wire.client import connect
 
     result = connect(autostart).call("unload", {"name": name, "tier": tier})
     Out(json, quiet).result(result, lambda: print(

@@ -25,8 +25,8 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Load a model into a faster tier; exit 0 once it is resident there."""
-    from sllmctl.daemon.client import connect
     from sllmctl.errors import UsageError
+    from sllmctl.wire.client import connect
 
     if tier not in ("dram", "gpu"):
         raise UsageError(f"unknown tier {tier!r}", hint="use --tier dram or --tier gpu")

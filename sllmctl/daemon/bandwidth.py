@@ -1,16 +1,46 @@
 """The host's measured bandwidths, which placement relies on: the disk's O_DIRECT read rate
 on the store's own file system, and pinned host-to-GPU copies per GPU. Measured at daemon
-start (in the background), cached in `<home>/bandwidth.json`, re-measured on request."""
+start (in the background), cached in `<home>/bandwidth.json`, re-measured on request.
+
+The disk measurement's scratch file is named `.sllmctl-measure-<pid>-<hex>.tmp` in the store's
+folder: the daemon removes its own at a graceful stop (which may cut a measurement short), and
+`sweep` collects those of dead processes (a daemon killed mid-measurement) at the next start."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 MEASURE_BYTES = 256 << 20
+SCRATCH_RE = re.compile(r"\.sllmctl-measure-(\d+)-[0-9a-f]+\.tmp|\.bandwidth-(\d+)-[0-9a-f]+")
+
+
+def sweep(folder: Path, *, mine: bool = False) -> list[str]:
+    """Remove measurement scratch files left by dead processes (`mine`: this process's own
+    too); returns their names."""
+    from sllmctl.procs import alive
+
+    gone: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return gone
+    for name in names:
+        m = SCRATCH_RE.fullmatch(name)
+        if m is None:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if (mine and pid == os.getpid()) or (pid != os.getpid() and not alive(pid)):
+            try:
+                (folder / name).unlink()
+                gone.append(name)
+            except OSError:
+                pass
+    return gone
 
 
 def measure_disk(folder: Path, nbytes: int = MEASURE_BYTES) -> dict[str, Any]:
@@ -19,7 +49,7 @@ def measure_disk(folder: Path, nbytes: int = MEASURE_BYTES) -> dict[str, Any]:
     from sllmctl.store.datafile import aligned_empty
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f".bandwidth-{os.getpid()}-{os.urandom(4).hex()}"
+    path = folder / f".sllmctl-measure-{os.getpid()}-{os.urandom(4).hex()}.tmp"
     nbytes = max(4096, nbytes // 4096 * 4096)
     block = os.urandom(1 << 20)
     try:

@@ -16,11 +16,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllmctl.daemon.tiers import BadArguments, DoesNotFit, DramTier, NoGpu
+from sllmctl.daemon.dram_tier import DramTier
 from sllmctl.store.gpu.copy import GpuLoad
 from sllmctl.store.gpu.loader import PinnedPool, start_load_to_gpu
 from sllmctl.store.gpu.pinned import start_pinned_to_gpu
 from sllmctl.store.store import StoredModel
+from sllmctl.wire.codes import BadRequest, DoesNotFit, NoGpu
 
 
 @dataclass
@@ -72,8 +73,8 @@ class GpuTier:
         if self.count == 0:
             raise NoGpu("this host has no GPU", hint="warm it to DRAM instead: --tier dram")
         if gpu is not None and not 0 <= gpu < self.count:
-            raise BadArguments(f"no GPU {gpu}: this host has {self.count}",
-                               hint=f"pick one of 0-{self.count - 1}")
+            raise BadRequest(f"no GPU {gpu}: this host has {self.count}",
+                               hint=f"pick one of 0-{self.count - 1}", field="gpu")
         candidates = [gpu] if gpu is not None else list(range(self.count))
         import torch
 
@@ -197,7 +198,7 @@ class GpuTier:
                  "stale": stale}
                 for d in range(self.count) if (mem := self._memory.get(d)) is not None]
         with self.lock:
-            models = [{"name": e.name, "gpu": e.device, "bytes": e.nbytes,
+            models = [{"name": e.name, "path": e.path, "gpu": e.device, "bytes": e.nbytes,
                        "loaded_from": e.loaded_from, "load_seconds": round(e.load_seconds, 4),
                        "ready": e.ready, "last_used": e.last_used,
                        "timings": e.loading.timings if e.loading else {}}

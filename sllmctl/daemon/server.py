@@ -1,84 +1,77 @@
-"""The daemon process: one ROUTER socket, fast requests answered in the socket loop, long
-jobs on worker threads that stream progress events back through an inproc socket.
+"""The daemon process: one ROUTER socket and the dispatch table below.
 
-State (the tiers, the jobs in flight) lives here and nowhere else.
+Fast operations are answered in the socket loop; long jobs run on a bounded pool of worker
+threads that stream progress back through an inproc socket. Whatever a message holds, the
+loop answers it with a reply (an error code for anything malformed, `internal` for an
+exception nobody expected) and keeps serving. The state every handler acts on is one
+`State` (state.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from sllmctl import __version__, paths
-from sllmctl.daemon import protocol as proto
-from sllmctl.daemon.bandwidth import load_cached, measure, save
-from sllmctl.daemon.client import connection_file
-from sllmctl.daemon.serving import ServingMixin, _name
-from sllmctl.daemon.tiers import BadArguments
-from sllmctl.errors import CorruptCheckpoint, NotFound, SllmError
+from sllmctl import paths
+from sllmctl.daemon import ops_daemon, ops_serving, ops_tiers
+from sllmctl.daemon.bandwidth import sweep
+from sllmctl.daemon.sizes import dram_pool
+from sllmctl.daemon.state import Job, Settings, State
+from sllmctl.errors import SllmError
+from sllmctl.wire import envelope, messages
+from sllmctl.wire.codes import INTERNAL, BadRequest, Busy, Internal, code_of
+from sllmctl.wire.envelope import MAX_MESSAGE, Envelope, Refused
+from sllmctl.wire.messages import Message
+from sllmctl.wire.runtime import (
+    default_endpoint,
+    ensure_runtime_dir,
+    remove_connection_file,
+    write_connection_file,
+)
 
 log = logging.getLogger("sllmctl.daemon")
 REPLIES = "inproc://replies"
 HEARTBEAT_S = 0.5
-WORKERS = 8
+HOUSEKEEPING_S = 5.0
+WORKERS = 8  # long jobs running at once
+QUEUE = 32  # long jobs waiting for a worker; past that a request gets `busy`
+BATCH = 64  # requests read from the socket before the loop forwards replies again
+
+Handler = Callable[[State, Any, Callable[[str, int, int], None]], Any]
+
+# every operation, the module that handles it, read top to bottom
+HANDLERS: dict[str, Handler] = {
+    "ping": ops_daemon.ping,
+    "status": ops_daemon.status,  # fast
+    "shutdown": ops_daemon.shutdown,  # fast
+    "warm": ops_tiers.warm,
+    "unload": ops_tiers.unload,
+    "measure": ops_tiers.measure,
+    "serve": ops_serving.serve,
+    "unserve": ops_serving.unserve,
+}
+assert set(HANDLERS) == set(messages.OPS)
 
 
-def default_endpoint() -> str:
-    return f"ipc://{paths.runtime_dir() / 'daemon.sock'}"
-
-
-def ensure_runtime_dir() -> Path:
-    d = paths.runtime_dir()
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = d.stat()
-    if st.st_uid != os.getuid():
-        raise SllmError(f"runtime folder {d} belongs to another user",
-                        hint="set SLLMCTL_RUNTIME_DIR to a folder of your own")
-    os.chmod(d, 0o700)
-    return d
-
-
-def write_connection_file(endpoint: str) -> Path:
-    path = connection_file()
-    tmp = path.with_name(f".daemon.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"endpoint": endpoint, "pid": os.getpid(),
-                   "protocol_version": proto.PROTOCOL_VERSION, "version": __version__,
-                   "started_at": time.time()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def _code(e: SllmError) -> str:
-    from sllmctl.daemon.tiers import BadArguments, DoesNotFit, NoGpu
-
-    table: list[tuple[type[SllmError], str]] = [
-        (NotFound, proto.NOT_FOUND), (CorruptCheckpoint, proto.CORRUPT),
-        (DoesNotFit, proto.DOES_NOT_FIT), (NoGpu, proto.NO_GPU),
-        (BadArguments, proto.BAD_REQUEST)]
-    return next((code for cls, code in table if isinstance(e, cls)), proto.FAILED)
-
-
-class Daemon(ServingMixin):
-    def __init__(self, endpoint: str, dram_pool: str, measure_bytes: int) -> None:
-        self.endpoint = endpoint
+class Daemon:
+    def __init__(self, state: State) -> None:
+        self.state = state
+        endpoint = state.settings.endpoint
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)  # larger: the peer is dropped
         try:
             self.router.bind(endpoint)
         except zmq.ZMQError as e:
@@ -91,116 +84,74 @@ class Daemon(ServingMixin):
         self.replies.bind(REPLIES)
         self.local = threading.local()
         self.workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="sllmctl-job")
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.jobs_lock = threading.Lock()
-        self.stop = threading.Event()
-        self.started = time.time()
-        self.dram_pool = dram_pool
-        self.measure_bytes = measure_bytes
-        self.ready = threading.Event()
-        self.init_error: str | None = None
-        self.dram: Any = None
-        self.gpu: Any = None
-        self.bandwidth: dict[str, Any] | None = load_cached(self.bandwidth_file)
-        self.host: Any = None  # ModelHost, made with the HTTP listener
-        self.http: Any = None
-        self.http_address: str | None = None
-        self.http_lock = threading.Lock()
-
-    @property
-    def bandwidth_file(self) -> Path:
-        return paths.home() / "bandwidth.json"
-
-    # ------------------------------------------------------------ start-up, in background
-    def _init_tiers(self) -> None:
-        try:
-            import torch
-
-            from sllmctl.daemon.gpu_tier import GpuTier
-            from sllmctl.daemon.tiers import DramTier, parse_size, total_ram
-            from sllmctl.store.gpu.checksums import warm_up
-
-            self.gpu = GpuTier()
-            self.gpu.refresh()  # each CUDA context now, not in `status`
-            for d in range(self.gpu.count):  # the loader's kernels, not in the first load
-                warm_up(d)
-            pinned = torch.cuda.is_available()
-            self.dram = DramTier(parse_size(self.dram_pool, total_ram()), pinned)
-            log.info("tiers ready: DRAM pool %.2f GB (pinned: %s), %d GPU(s)",
-                     self.dram.capacity / 1e9, pinned, self.gpu.count)
-        except Exception as e:
-            self.init_error = f"{type(e).__name__}: {e}"
-            log.exception("tier initialisation failed")
-        finally:
-            self.ready.set()
-        if self.bandwidth is None and self.init_error is None:
-            self._measure()
-        self._use_bandwidth()
-
-    def _measure(self) -> dict[str, Any]:
-        data = measure(paths.models_dir(), self.gpu.count if self.gpu else 0,
-                       self.measure_bytes)
-        self.bandwidth = data
-        save(self.bandwidth_file, data)
-        self._use_bandwidth()
-        return data
-
-    def _use_bandwidth(self) -> None:
-        """The DRAM tier weighs reload cost by the disk's measured read rate."""
-        rate = ((self.bandwidth or {}).get("disk") or {}).get("GBps")
-        if self.dram is not None and isinstance(rate, int | float) and rate > 0:
-            self.dram.reload_rate = rate * 1e9
-
-    def _tiers(self) -> None:
-        self.ready.wait()
-        if self.init_error:
-            raise SllmError(f"the daemon's tiers failed to start: {self.init_error}",
-                            hint="see the daemon log in the runtime folder")
 
     # ------------------------------------------------------------ the socket loop
     def serve(self) -> None:
-        threading.Thread(target=self._init_tiers, name="sllmctl-init", daemon=True).start()
-        threading.Thread(target=self._heartbeat, name="sllmctl-heartbeat", daemon=True).start()
+        for target, name in ((self.state.start_tiers, "init"), (self._heartbeat, "heartbeat"),
+                             (self._housekeeping, "housekeeping")):
+            threading.Thread(target=target, name=f"sllmctl-{name}", daemon=True).start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.replies, zmq.POLLIN)
-        log.info("listening on %s (pid %d)", self.endpoint, os.getpid())
-        while not self.stop.is_set():
+        log.info("listening on %s (pid %d)", self.state.settings.endpoint, os.getpid())
+        while not self.state.stop.is_set():
             events = dict(poller.poll(200))
             if self.replies in events:
-                while True:
-                    try:
-                        self.router.send_multipart(self.replies.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                self._forward_replies()
             if self.router in events:
-                while True:
+                for _ in range(BATCH):
                     try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK)
+                        identity, *frames = self.router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._dispatch(frames[0], frames[1:])
+                    try:
+                        self._answer(identity, frames)
+                    except Exception:  # even the error reply failed: drop this request
+                        log.exception("a request could not be answered")
         self._shutdown()
 
-    def _dispatch(self, identity: bytes, frames: list[bytes]) -> None:
+    def _forward_replies(self) -> None:
+        while True:
+            try:
+                self.router.send_multipart(self.replies.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+
+    def _answer(self, identity: bytes, frames: list[bytes]) -> None:
+        """Answer one request; nothing it holds may stop the loop."""
+        rid: str | None = None
         try:
-            req = proto.Request.decode(frames)
-        except proto.ProtocolError as e:
-            rid = proto.request_id(frames)
-            self.router.send_multipart([identity, *proto.reply_error(rid, e.code, e.message,
-                                                                     e.hint)])
+            env = Envelope.decode(frames, messages.OPS)
+            rid = env.id
+            msg = messages.decode(env.op, env.args)
+            self._dispatch(identity, rid, msg)
+        except Refused as e:
+            self.router.send_multipart([identity, *envelope.reply_error(
+                e.rid, code_of(e.error), e.error)])
+        except SllmError as e:
+            self.router.send_multipart([identity, *envelope.reply_error(rid, code_of(e), e)])
+        except Exception as e:
+            log.exception("request %s could not be answered", rid)
+            self.router.send_multipart([identity, *_internal(rid, e)])
+
+    def _dispatch(self, identity: bytes, rid: str, msg: Message) -> None:
+        with self.state.jobs_lock:
+            if rid in self.state.jobs:
+                raise BadRequest(f"request id {rid!r} is already in flight", field="id")
+            if not msg.fast:
+                if len(self.state.jobs) >= WORKERS + QUEUE:
+                    raise Busy(f"the daemon has {len(self.state.jobs)} long jobs in flight, "
+                               f"its limit", hint="try again once some have finished "
+                               "(sllmctl ps lists them)")
+                self.state.jobs[rid] = Job(rid, msg.op, msg.public_args(), identity)
+        if msg.fast:
+            self.router.send_multipart([identity, *self._run(rid, msg, lambda *a: None)])
             return
-        if req.op in proto.FAST_OPS:
-            self.router.send_multipart([identity, *self._run(req, lambda *a: None)])
-            return
-        with self.jobs_lock:
-            self.jobs[req.id] = {"id": req.id, "op": req.op, "args": req.args,
-                                 "identity": identity, "stage": "queued", "done": 0,
-                                 "total": 0, "started": time.time()}
-        self._send(identity, proto.progress(req.id, "queued", 0, 0))
-        self.workers.submit(self._job, identity, req)
+        self._send(identity, envelope.progress(rid, "queued", 0, 0))
+        self.workers.submit(self._job, identity, rid, msg)
 
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        """Send from any thread: through this thread's PUSH socket to the loop."""
         sock = getattr(self.local, "push", None)
         if sock is None:
             sock = self.local.push = self.ctx.socket(zmq.PUSH)
@@ -208,145 +159,66 @@ class Daemon(ServingMixin):
             sock.connect(REPLIES)
         sock.send_multipart([identity, *frames])
 
-    def _job(self, identity: bytes, req: proto.Request) -> None:
+    def _job(self, identity: bytes, rid: str, msg: Message) -> None:
         last: list[Any] = [0.0, None]  # time and stage of the last event sent
 
         def progress(stage: str, done: int, total: int) -> None:
-            with self.jobs_lock:
-                self.jobs[req.id].update(stage=stage, done=done, total=total)
+            self.state.progress(rid, stage, done, total)
             now = time.monotonic()
             if now - last[0] >= 0.1 or stage != last[1] or (total and done == total):
                 last[0], last[1] = now, stage
-                self._send(identity, proto.progress(req.id, stage, done, total))
+                self._send(identity, envelope.progress(rid, stage, done, total))
 
         try:
-            self._send(identity, self._run(req, progress))
+            self._send(identity, self._run(rid, msg, progress))
         finally:
-            with self.jobs_lock:
-                self.jobs.pop(req.id, None)
+            with self.state.jobs_lock:
+                self.state.jobs.pop(rid, None)
+
+    def _run(self, rid: str, msg: Message, progress: Any) -> list[bytes]:
+        try:
+            return envelope.reply_ok(rid, HANDLERS[msg.op](self.state, msg, progress))
+        except SllmError as e:
+            return envelope.reply_error(rid, code_of(e), e)
+        except Exception as e:
+            log.exception("request %s (%s) failed", rid, msg.op)
+            return _internal(rid, e)
 
     def _heartbeat(self) -> None:
         """Every half second, tell each waiting client that its job is alive."""
-        ticks = 0
-        while not self.stop.wait(HEARTBEAT_S):
-            ticks += 1
-            if self.host is not None and ticks % 10 == 0:
-                for name in self.host.reap():
-                    log.info("unloaded %s after its keep-alive", name)
-            with self.jobs_lock:
-                jobs = [(j["identity"], j["id"], j["stage"], j["done"], j["total"])
-                        for j in self.jobs.values()]
+        while not self.state.stop.wait(HEARTBEAT_S):
+            with self.state.jobs_lock:
+                jobs = [(j.identity, j.id, j.stage, j.done, j.total)
+                        for j in self.state.jobs.values()]
             for identity, rid, stage, done, total in jobs:
-                self._send(identity, proto.progress(rid, stage, done, total))
+                self._send(identity, envelope.progress(rid, stage, done, total))
 
-    def _run(self, req: proto.Request, progress: Any) -> list[bytes]:
-        try:
-            result = getattr(self, f"op_{req.op}")(req.args, progress)
-            return proto.reply_ok(req.id, result)
-        except SllmError as e:
-            return proto.reply_error(req.id, _code(e), e.message, e.hint)
-        except Exception as e:
-            log.exception("request %s failed", req.op)
-            return proto.reply_error(req.id, proto.INTERNAL, f"{type(e).__name__}: {e}",
-                                     "see the daemon log in the runtime folder")
+    def _housekeeping(self) -> None:
+        while not self.state.stop.wait(HOUSEKEEPING_S):
+            try:
+                ops_serving.housekeeping(self.state)
+            except Exception:
+                log.exception("housekeeping failed")
 
     def _shutdown(self) -> None:
         log.info("shutting down")
         self.workers.shutdown(wait=False, cancel_futures=True)
-        try:
-            info = json.loads(connection_file().read_text())
-            if info.get("pid") == os.getpid():
-                connection_file().unlink()
-        except (OSError, ValueError):
-            pass
-        if self.endpoint.startswith("ipc://"):
-            Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
+        sweep(paths.models_dir(), mine=True)  # a measurement cut short
+        remove_connection_file()
+        endpoint = self.state.settings.endpoint
+        if endpoint.startswith("ipc://"):
+            Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
         self.ctx.destroy(linger=0)
 
-    # ------------------------------------------------------------ operations
-    def op_ping(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
-        delay = float(args.get("delay", 0))
-        deadline = time.monotonic() + min(delay, 3600)
-        while time.monotonic() < deadline and not self.stop.is_set():
-            progress("waiting", 0, 0)
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        return {"pong": True, "pid": os.getpid()}
 
-    def op_shutdown(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
-        self.stop.set()
-        return {"stopping": True, "pid": os.getpid()}
-
-    def op_status(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
-        with self.jobs_lock:
-            jobs = [{k: v for k, v in j.items() if k != "identity"} for j in self.jobs.values()]
-        ready = self.ready.is_set() and self.init_error is None
-        return {
-            "daemon": {"pid": os.getpid(), "version": __version__,
-                       "protocol_version": proto.PROTOCOL_VERSION, "endpoint": self.endpoint,
-                       "started_at": self.started, "uptime_s": round(time.time() - self.started, 3),
-                       "state": "ready" if ready else (self.init_error or "starting"),
-                       "store": str(paths.models_dir())},
-            "dram": self.dram.status() if ready else None,
-            "gpu": self.gpu.status() if ready else None,
-            "jobs": jobs,
-            "bandwidth": self.bandwidth,
-            "http": self.http_address,
-            "serving": self.host.status() if self.host is not None else [],
-        }
-
-    def op_measure(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
-        self._tiers()
-        progress("measuring", 0, 1)
-        return self._measure()
-
-    def op_warm(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
-        from sllmctl.store.store import Store
-
-        name, tier, gpu = _name(args), _tier(args, "dram"), args.get("gpu")
-        if gpu is not None and (isinstance(gpu, bool) or not isinstance(gpu, int)):
-            raise BadArguments(f"gpu must be an integer, not {gpu!r}")
-        self._tiers()
-        model = Store().get(name)
-        start = time.perf_counter()
-        if tier == "dram":
-            _, fresh = self.dram.warm(model, progress)
-            return {"name": model.name, "tier": "dram", "seconds": time.perf_counter() - start,
-                    "bytes": model.manifest.total_bytes,
-                    "loaded_from": "disk" if fresh else "resident"}
-        progress("loading", 0, model.manifest.total_bytes)
-        e = self.gpu.warm(model, gpu, self.dram)
-        return {"name": model.name, "tier": "gpu", "gpu": e.device,
-                "seconds": time.perf_counter() - start, "load_seconds": e.load_seconds,
-                "loaded_from": e.loaded_from, "bytes": e.nbytes,
-                "timings": e.loading.timings if e.loading else {}}
-
-    def op_unload(self, args: dict[str, Any], progress: Any) -> dict[str, Any]:
-        name, tier = _name(args), _tier(args, None)
-        self._tiers()
-        removed = []
-        if tier in (None, "gpu") and self.gpu.unload(name):
-            removed.append("gpu")
-        if tier in (None, "dram") and self.dram.unload(name):
-            removed.append("dram")
-        if not removed:
-            raise NotFound(f"model {name} is not resident"
-                           + (f" in the {tier} tier" if tier else ""),
-                           hint="sllmctl ps lists resident models")
-        return {"name": name, "unloaded": removed}
-
-
-def _tier(args: dict[str, Any], default: str | None) -> str | None:
-    tier = args.get("tier", default)
-    if tier is None and default is None:
-        return None
-    if tier not in ("dram", "gpu"):
-        raise BadArguments(f"unknown tier {tier!r}", hint="use dram or gpu")
-    return str(tier)
+def _internal(rid: str | None, e: Exception) -> list[bytes]:
+    return envelope.reply_error(rid, INTERNAL, Internal(
+        f"{type(e).__name__}: {str(e)[:200]}", hint="see the daemon log"))
 
 
 def _answers(endpoint: str) -> bool:
     """Whether a daemon already answers at `endpoint` (so its socket must not be taken)."""
-    from sllmctl.daemon.client import Client
+    from sllmctl.wire.client import Client
 
     try:
         Client(endpoint).call("status", first_answer=0.5)
@@ -355,10 +227,12 @@ def _answers(endpoint: str) -> bool:
     return True
 
 
-def run(endpoint: str | None, dram_pool: str, measure_bytes: int) -> None:
-    """Run the daemon in this process until SIGTERM, SIGINT or a shutdown request."""
+def run(endpoint: str | None, pool: str, measure_bytes: int) -> None:
+    """Run the daemon in this process until SIGTERM, SIGINT or a shutdown request. Bad
+    settings are refused before anything is bound."""
+    settings = Settings(endpoint or default_endpoint(), pool, dram_pool(pool), measure_bytes)
     ensure_runtime_dir()
-    endpoint = endpoint or default_endpoint()
+    endpoint = settings.endpoint
     if endpoint.startswith("ipc://") and Path(endpoint[len("ipc://"):]).exists():
         if _answers(endpoint):
             raise SllmError(f"a daemon already answers on {endpoint}",
@@ -366,9 +240,9 @@ def run(endpoint: str | None, dram_pool: str, measure_bytes: int) -> None:
         Path(endpoint[len("ipc://"):]).unlink()  # left by a crashed daemon
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    daemon = Daemon(endpoint, dram_pool, measure_bytes)
+    daemon = Daemon(State(settings))
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop.set())
+        signal.signal(sig, lambda *_: daemon.state.stop.set())
     write_connection_file(endpoint)
     daemon.serve()
     logging.shutdown()

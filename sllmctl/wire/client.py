@@ -2,54 +2,38 @@
 
 Every request has a deadline for the daemon's first answer (FIRST_ANSWER_S) and, for long
 jobs, for each later message (the daemon sends a heartbeat every half second). A socket
-that timed out is closed with LINGER=0 and the error names the endpoint.
+that timed out is closed with LINGER=0 and the error names the endpoint. Error replies come
+back as the SllmError their code stands for (wire.codes).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
 
 from sllmctl import paths
-from sllmctl.daemon import protocol as proto
-from sllmctl.errors import CorruptCheckpoint, DaemonUnreachable, NotFound, SllmError
+from sllmctl.errors import DaemonUnreachable, SllmError
 from sllmctl.procs import alive
+from sllmctl.wire.codes import BadRequest, error_for
+from sllmctl.wire.envelope import PROTOCOL_VERSION, Envelope, decode_reply
+from sllmctl.wire.messages import Message
+from sllmctl.wire.runtime import (
+    connection_file,
+    ensure_runtime_dir,
+    listen_endpoint,
+    log_file,
+    read_connection,
+)
 
 FIRST_ANSWER_S = 1.5
 SILENCE_S = 5.0  # a long job that sends nothing for this long is taken as hung
 START_S = 20.0
-
-_ERRORS: dict[str, type[SllmError]] = {proto.NOT_FOUND: NotFound,
-                                       proto.CORRUPT: CorruptCheckpoint}
-
-
-@dataclass
-class Connection:
-    endpoint: str
-    pid: int | None
-    protocol_version: int | None
-
-
-def connection_file() -> Path:
-    return paths.runtime_dir() / "daemon.json"
-
-
-def read_connection() -> Connection | None:
-    try:
-        info = json.loads(connection_file().read_text())
-        return Connection(str(info["endpoint"]), int(info["pid"]),
-                          int(info["protocol_version"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def autostart_enabled(flag: bool | None = None) -> bool:
@@ -61,12 +45,16 @@ class Client:
         self.endpoint = endpoint
         self.ctx: Any = zmq.Context.instance()
 
+    def request(self, msg: Message, **kwargs: Any) -> Any:
+        """Send one typed message; see `call`."""
+        return self.call(msg.op, msg.to_args(), **kwargs)
+
     def call(self, op: str, args: dict[str, Any] | None = None, *,
              on_event: Callable[[dict[str, Any]], None] | None = None,
              first_answer: float = FIRST_ANSWER_S, wait: bool = True,
-             version: int = proto.PROTOCOL_VERSION) -> Any:
+             version: int = PROTOCOL_VERSION) -> Any:
         """Send one request; return its result (None if not `wait`, once it is accepted)."""
-        req = proto.Request(op, args or {}, v=version)
+        req = Envelope(op, args or {}, v=version)
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -79,7 +67,7 @@ class Client:
                         f"the daemon at {self.endpoint} did not answer within {deadline:.1f} s",
                         hint="sllmctl daemon status; restart it: sllmctl daemon stop; "
                         "sllmctl daemon start")
-                msg = proto.decode_reply(sock.recv_multipart())
+                msg = decode_reply(sock.recv_multipart())
                 # a reply without an id answers a request the daemon could not parse
                 if msg.get("id") != req.id and not (msg.get("id") is None
                                                     and msg.get("status") == "error"):
@@ -93,15 +81,22 @@ class Client:
                     continue
                 if msg.get("status") == "ok":
                     return msg.get("result")
-                err = msg.get("error") or {}
-                cls = _ERRORS.get(err.get("code", ""), SllmError)
-                raise cls(str(err.get("message", "the daemon refused the request")),
-                          hint=err.get("hint"))
-        except proto.ProtocolError as e:
+                raise _error(msg.get("error"))
+        except BadRequest as e:
             raise SllmError(f"malformed answer from the daemon at {self.endpoint}: "
                             f"{e.message}") from None
         finally:
             sock.close(linger=0)
+
+
+def _error(err: Any) -> SllmError:
+    if not isinstance(err, dict):
+        err = {}
+    hint, field = err.get("hint"), err.get("field")
+    return error_for(str(err.get("code", "")),
+                     str(err.get("message", "the daemon refused the request")),
+                     hint if isinstance(hint, str) else None,
+                     field if isinstance(field, str) else None)
 
 
 def connect(autostart: bool | None = None) -> Client:
@@ -111,10 +106,10 @@ def connect(autostart: bool | None = None) -> Client:
         return Client(env)
     conn = read_connection()
     if conn is not None and alive(conn.pid):
-        if conn.protocol_version != proto.PROTOCOL_VERSION:
+        if conn.protocol_version != PROTOCOL_VERSION:
             raise SllmError(
                 f"the running daemon (pid {conn.pid}) speaks protocol version "
-                f"{conn.protocol_version}; this sllmctl speaks {proto.PROTOCOL_VERSION}",
+                f"{conn.protocol_version}; this sllmctl speaks {PROTOCOL_VERSION}",
                 hint="restart it: sllmctl daemon stop; sllmctl daemon start")
         return Client(conn.endpoint)
     if not autostart_enabled(autostart):
@@ -128,13 +123,14 @@ def connect(autostart: bool | None = None) -> Client:
 def start_detached(listen: str | None = None, dram_pool: str | None = None,
                    measure_bytes: int | None = None) -> Client:
     """Start a daemon in its own session, logging to the runtime folder; wait until it
-    answers."""
-    from sllmctl.daemon.server import ensure_runtime_dir
-
-    run = ensure_runtime_dir()
+    answers. A daemon already running is used if it has the settings asked for (None: any),
+    else this is an error naming both."""
+    ensure_runtime_dir()
     conn = read_connection()
     if conn and alive(conn.pid):
-        return Client(conn.endpoint)
+        client = Client(conn.endpoint)
+        _check_settings(client, conn.pid, listen, dram_pool, measure_bytes)
+        return client
     connection_file().unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "sllmctl", "daemon", "start", "--foreground"]
     if listen:
@@ -143,9 +139,10 @@ def start_detached(listen: str | None = None, dram_pool: str | None = None,
         cmd += ["--dram-pool", dram_pool]
     if measure_bytes is not None:
         cmd += ["--measure-bytes", str(measure_bytes)]
-    logfile = run / "daemon.log"
-    with open(logfile, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    log = log_file()
+    with open(log, "ab") as f:
+        start_at = f.tell()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + START_S
     while time.monotonic() < deadline:
@@ -158,12 +155,42 @@ def start_detached(listen: str | None = None, dram_pool: str | None = None,
             except DaemonUnreachable:
                 pass
         if proc.poll() is not None:
-            tail = logfile.read_text(errors="replace").strip().splitlines()[-1:]
-            raise SllmError(f"the daemon exited at start ({tail[0] if tail else 'no log'})",
-                            hint=f"see {logfile}")
+            raise _start_failure(log, start_at)
         time.sleep(0.05)
     raise DaemonUnreachable(f"the daemon did not start within {START_S:.0f} s",
-                            hint=f"see {logfile}")
+                            hint=f"see {log}")
+
+
+def _start_failure(log: Any, start_at: int) -> SllmError:
+    """The daemon's own `error:`/`hint:` lines when it refused to start, else its last line."""
+    with open(log, "rb") as f:
+        f.seek(start_at)
+        lines = f.read().decode(errors="replace").strip().splitlines()
+    error = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)
+    hint = next((ln[len("hint: "):] for ln in lines if ln.startswith("hint: ")), None)
+    if error is not None:
+        return SllmError(error, hint=hint or f"see {log}")
+    return SllmError(f"the daemon exited at start ({lines[-1] if lines else 'no log'})",
+                     hint=f"see {log}")
+
+
+def _check_settings(client: Client, pid: int | None, listen: str | None,
+                    dram_pool: str | None, measure_bytes: int | None) -> None:
+    settings = (client.call("status").get("daemon") or {}).get("settings") or {}
+    asked = {"endpoint": listen and listen_endpoint(listen), "dram_pool": dram_pool,
+             "measure_bytes": measure_bytes}
+    flag = {"endpoint": "--listen", "dram_pool": "--dram-pool",
+            "measure_bytes": "--measure-bytes"}
+    differ = [f"{flag[k]} {v} (it runs with {settings.get(k)})"
+              for k, v in asked.items() if v is not None and _norm(v) != _norm(settings.get(k))]
+    if differ:
+        raise SllmError(f"a daemon already runs (pid {pid}) with other settings: asked for "
+                        + ", ".join(differ),
+                        hint="sllmctl daemon stop, then start it with the new settings")
+
+
+def _norm(value: Any) -> str:
+    return str(value).strip().lower().replace(" ", "")
 
 
 def stop(timeout: float = 10.0) -> int | None:

@@ -1,5 +1,4 @@
-"""The daemon's DRAM tier, and the errors and sizes the tiers share. State lives in the
-daemon only.
+"""The daemon's DRAM tier (the GPU tier, side by side, is gpu_tier.py).
 
 DRAM tier: a pool of host memory (pinned where CUDA is present), allocated in the background
 from the daemon's start so that it answers at once, as regions of 256 MiB (the remainder as
@@ -17,8 +16,6 @@ tier's clock: the H of the last model evicted, so that models not used for a whi
 The lowest H goes first, the least recently used of equals, skipping models in use (being read
 or copied to a GPU). As cost grows with size, H per byte comes down to uses / rate: a model
 used often outlives one used once whatever their sizes, and equal uses give LRU.
-
-The GPU tier is in gpu_tier.py.
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from sllmctl.store.datafile import Piece, check_chunks, open_data, read_verify, 
 from sllmctl.store.format import ALIGNMENT
 from sllmctl.store.gpu.pinned import PinnedModel
 from sllmctl.store.store import StoredModel
+from sllmctl.wire.codes import DoesNotFit
 
 if TYPE_CHECKING:
     import torch
@@ -50,36 +48,6 @@ REGION = 256 << 20
 READ_AT_ONCE = 4  # pieces being read into the DRAM tier at once
 READ_THREADS = 4  # threads per piece (preads, or frames decoded)
 Progress = Callable[[str, int, int], None]
-
-
-class DoesNotFit(SllmError):
-    """A model larger than the room a tier has."""
-
-
-class NoGpu(SllmError):
-    """A GPU was asked for on a host without one."""
-
-
-class BadArguments(SllmError):
-    """A request whose arguments make no sense (an unknown tier, a GPU that is not there)."""
-
-
-def parse_size(text: str, total: int) -> int:
-    """'8GiB', '512MB', '25%' (of `total`), or plain bytes."""
-    t = text.strip().lower().replace(" ", "")
-    if t.endswith("%"):
-        return int(total * float(t[:-1]) / 100)
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 1 << 10,
-             "m": 1 << 20, "g": 1 << 30, "b": 1}
-    for suffix, scale in units.items():
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * scale)
-    return int(t)
-
-
-def total_ram() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def region_sizes(capacity: int) -> list[int]:
@@ -310,7 +278,7 @@ class DramTier:
                 "capacity": self.capacity, "allocated": self.allocated,
                 "used": sum(len(e.slabs) for e in self.models.values()) * SLAB,
                 "pinned": self.pinned, "allocation_error": self.allocation_error,
-                "models": [{"name": e.name, "bytes": e.nbytes, "ready": e.ready,
+                "models": [{"name": e.name, "path": e.path, "bytes": e.nbytes, "ready": e.ready,
                             "in_use": e.users, "last_used": e.last_used, "uses": e.uses,
                             "priority": e.priority}
                            for e in self.models.values()],
