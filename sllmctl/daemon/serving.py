@@ -101,7 +101,7 @@ class ServingMixin:
 
     def _start_http(self, host: str, port: int, api_key: str | None) -> str:
         from sllmctl.daemon import http
-        from sllmctl.engine.host import ModelHost
+        from sllmctl.daemon.http import ModelHost
         from sllmctl.store.store import Store
 
         address = f"http://{host}:{port}"

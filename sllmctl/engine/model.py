@@ -210,7 +210,7 @@ class Transformer(nn.Module):
         """Built on the meta device, on the given tensors (no copy unless `dtype` asks)."""
         with torch.device("meta"):
             model = cls(config)
-        weights.assign(model, state_dict, dtype)
+        weights.assign(model, config, state_dict, dtype)
         model.fused = (kernels.available() and not config.qk_norm
                        and config.head_dim & (config.head_dim - 1) == 0)
         return model.eval().requires_grad_(False)

@@ -77,8 +77,8 @@ class Scheduler:
             req.end("abort")
         while True:
             try:
-                req = self.waiting.get_nowait()
+                waiting = self.waiting.get_nowait()
             except queue.Empty:
                 return
-            if req is not None:
-                req.end("abort")
+            if waiting is not None:
+                waiting.end("abort")

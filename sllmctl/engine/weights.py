@@ -13,14 +13,14 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from sllmctl.engine.config import ModelConfig
 from sllmctl.errors import SllmError
 
 
-def assign(model: nn.Module, state_dict: Mapping[str, Tensor],
+def assign(model: nn.Module, config: ModelConfig, state_dict: Mapping[str, Tensor],
            dtype: torch.dtype | None = None) -> None:
     """Take the tensors as the model's parameters (converted only if `dtype` asks), then
     set up the fused views of each layer."""
-    config = model.config  # type: ignore[attr-defined]
     tensors = {
         k.removeprefix("model."): v if dtype is None else v.to(dtype)
         for k, v in state_dict.items()
