@@ -24,6 +24,7 @@ from sllmctl.daemon.http.host import ModelHost, Served
 from sllmctl.daemon.http.metrics import ABORTED, Metrics
 from sllmctl.daemon.http.params import ApiError, Ask, json_response
 from sllmctl.daemon.http.stream import Answer, event_stream
+from sllmctl.engine.chat import Completion
 from sllmctl.engine.request import ContextTooLong
 from sllmctl.engine.request import Request as EngineRequest
 from sllmctl.errors import NotFound, SllmError
@@ -36,17 +37,74 @@ def make_app(host: ModelHost, models: Callable[[], Iterable[str]], api_key: str 
              max_body: int = params.MAX_BODY) -> Starlette:
     """`models()` lists stored model names; `ready()` says whether the daemon is up; bodies
     over `max_body` bytes are refused (413)."""
-    metrics = Metrics()
+    api = Api(host, models, api_key, ready, max_body)
+    return Starlette(routes=[
+        Route("/health", api.health),
+        Route("/v1/models", api.list_models),
+        Route("/v1/chat/completions", api.completion("/v1/chat/completions", "chat"),
+              methods=["POST"]),
+        Route("/v1/completions", api.completion("/v1/completions", "completion"),
+              methods=["POST"]),
+        Route("/metrics", api.prometheus),
+    ], exception_handlers={HTTPException: api.no_route, Exception: api.server_error})
 
-    def check_key(request: Request) -> None:
-        if api_key and not secrets.compare_digest(
-                request.headers.get("authorization", ""), f"Bearer {api_key}"):
+
+class Api:
+    def __init__(self, host: ModelHost, models: Callable[[], Iterable[str]],
+                 api_key: str | None, ready: Callable[[], bool], max_body: int) -> None:
+        self.host, self.models, self.api_key, self.ready = host, models, api_key, ready
+        self.max_body = max_body
+        self.metrics = Metrics()
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key and not secrets.compare_digest(
+                request.headers.get("authorization", ""), f"Bearer {self.api_key}"):
             raise ApiError(401, "invalid or missing API key", "authentication_error",
                            code="invalid_api_key")
 
-    def prepare(ask: Ask) -> tuple[Served, EngineRequest]:
+    # ------------------------------------------------------------ completions
+    def completion(self, endpoint: str, kind: str) -> Callable[[Request], Any]:
+        async def handle(request: Request) -> Response:
+            try:
+                return await self.answer(request, endpoint, kind)
+            except ClientDisconnect:
+                self.metrics.request(getattr(request.state, "model", ""), endpoint, ABORTED)
+                return Response(status_code=400)
+            except (ApiError, NotFound) as e:
+                error = e if isinstance(e, ApiError) else ApiError(
+                    404, e.message, param="model", code="model_not_found")
+                self.metrics.request(getattr(request.state, "model", ""), endpoint,
+                                     error.status)
+                return error.response()
+        return handle
+
+    async def answer(self, request: Request, endpoint: str, kind: str) -> Response:
+        """The response; a whole answer is counted here, a stream when it ends."""
+        self.check_key(request)
+        ask = params.parse(params.parse_json(await _body(request, self.max_body)), kind)
+        if ask.model not in self.models():
+            raise ApiError(404, f"model {ask.model!r} does not exist", param="model",
+                           code="model_not_found")
+        request.state.model = ask.model  # a stored name: safe as a metrics label
+        served, req = await run_in_threadpool(self.prepare, ask)
+        reply = Answer(kind, ask.model)
+        if ask.stream:
+            def closed(status: int | str) -> None:
+                req.cancel()
+                self.metrics.request(ask.model, endpoint, status)
+
+            return event_stream(reply, lambda on_text: self.generate(served, req, on_text),
+                                ask.include_usage, closed)
+        try:
+            done = await run_in_threadpool(self.generate, served, req)
+        except SllmError as e:
+            raise ApiError(500, e.message, "server_error") from None
+        self.metrics.request(ask.model, endpoint, 200)
+        return json_response(reply.body(done))
+
+    def prepare(self, ask: Ask) -> tuple[Served, EngineRequest]:
         """Load the model and build the request; a prompt the engine cannot hold is a 400."""
-        served = host.get(ask.model, ask.keep_alive)
+        served = self.host.get(ask.model, ask.keep_alive)
         try:
             model = served.model
             sampling = params.sampling(ask.sampling, model.defaults)
@@ -54,89 +112,52 @@ def make_app(host: ModelHost, models: Callable[[], Iterable[str]], api_key: str 
                 return served, model.chat_request(ask.messages, sampling)
             return served, model.completion_request(ask.prompt, sampling)
         except ContextTooLong as e:
-            host.release(served)
+            self.host.release(served)
             raise ApiError(400, e.message, param="messages" if ask.kind == "chat" else "prompt",
                            code="context_length_exceeded") from None
         except SllmError as e:  # the chat template refused the conversation
-            host.release(served)
+            self.host.release(served)
             raise ApiError(400, e.message, param="messages") from None
         except BaseException:
-            host.release(served)
+            self.host.release(served)
             raise
 
-    def generate(served: Served, req: EngineRequest, on_text: Any = None) -> Any:
+    def generate(self, served: Served, req: EngineRequest, on_text: Any = None) -> Completion:
         try:
             done = served.model.generate(req, on_text)
         finally:
-            host.release(served)
-        metrics.tokens(served.name, done.prompt_tokens, done.completion_tokens,
-                       done.ttft if done.completion_tokens else None)
+            self.host.release(served)
+        self.metrics.tokens(served.name, done.prompt_tokens, done.completion_tokens,
+                            done.ttft if done.completion_tokens else None)
         return done
 
-    async def answer(request: Request, endpoint: str, kind: str) -> Response:
-        """The response; a whole answer is counted here, a stream when it ends."""
-        check_key(request)
-        ask = params.parse(params.parse_json(await _body(request, max_body)), kind)
-        if ask.model not in models():
-            raise ApiError(404, f"model {ask.model!r} does not exist", param="model",
-                           code="model_not_found")
-        request.state.model = ask.model  # a stored name: safe as a metrics label
-        served, req = await run_in_threadpool(prepare, ask)
-        reply = Answer(kind, ask.model)
-        if ask.stream:
-            def closed(status: int | str) -> None:
-                req.cancel()
-                metrics.request(ask.model, endpoint, status)
-
-            return event_stream(reply, lambda on_text: generate(served, req, on_text),
-                                ask.include_usage, closed)
-        try:
-            done = await run_in_threadpool(generate, served, req)
-        except SllmError as e:
-            raise ApiError(500, e.message, "server_error") from None
-        metrics.request(ask.model, endpoint, 200)
-        return json_response(reply.body(done))
-
-    def completion(endpoint: str, kind: str) -> Callable[[Request], Any]:
-        async def handle(request: Request) -> Response:
-            try:
-                return await answer(request, endpoint, kind)
-            except ClientDisconnect:
-                metrics.request(getattr(request.state, "model", ""), endpoint, ABORTED)
-                return Response(status_code=400)
-            except (ApiError, NotFound) as e:
-                error = e if isinstance(e, ApiError) else ApiError(
-                    404, e.message, param="model", code="model_not_found")
-                metrics.request(getattr(request.state, "model", ""), endpoint, error.status)
-                return error.response()
-        return handle
-
-    async def health(request: Request) -> Response:
-        ok, loading = host.readiness()
-        if not ready():
+    # ------------------------------------------------------------ the rest
+    async def health(self, request: Request) -> Response:
+        ok, loading = self.host.readiness()
+        if not self.ready():
             return json_response({"status": "starting", "ready": ok, "loading": loading}, 503)
         if loading and not ok:
             return json_response({"status": "loading", "ready": ok, "loading": loading}, 503)
         return json_response({"status": "ok", "ready": ok, "loading": loading})
 
-    async def list_models(request: Request) -> Response:
+    async def list_models(self, request: Request) -> Response:
         try:
-            check_key(request)
+            self.check_key(request)
         except ApiError as e:
             return e.response()
         return json_response({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "sllmctl"}
-            for n in models()]})
+            for n in self.models()]})
 
-    async def prometheus(request: Request) -> Response:
-        return PlainTextResponse(metrics.render(list(host.cold_starts)),
+    async def prometheus(self, request: Request) -> Response:
+        return PlainTextResponse(self.metrics.render(list(self.host.cold_starts)),
                                  media_type="text/plain; version=0.0.4")
 
-    async def no_route(request: Request, exc: Exception) -> Response:
+    async def no_route(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
         try:
             if request.url.path.startswith("/v1"):
-                check_key(request)
+                self.check_key(request)
         except ApiError as e:
             return e.response()
         message = f"Invalid URL ({request.method} {request.url.path})"
@@ -144,18 +165,9 @@ def make_app(host: ModelHost, models: Callable[[], Iterable[str]], api_key: str 
             message = f"{request.method} is not allowed on {request.url.path}"
         return ApiError(status, message, code="not_found" if status == 404 else None).response()
 
-    async def server_error(request: Request, exc: Exception) -> Response:
+    async def server_error(self, request: Request, exc: Exception) -> Response:
         log.exception("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
         return ApiError(500, "internal server error", "server_error").response()
-
-    return Starlette(routes=[
-        Route("/health", health),
-        Route("/v1/models", list_models),
-        Route("/v1/chat/completions", completion("/v1/chat/completions", "chat"),
-              methods=["POST"]),
-        Route("/v1/completions", completion("/v1/completions", "completion"), methods=["POST"]),
-        Route("/metrics", prometheus),
-    ], exception_handlers={HTTPException: no_route, Exception: server_error})
 
 
 async def _body(request: Request, limit: int) -> bytes:
