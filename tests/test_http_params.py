@@ -107,3 +107,29 @@ def test_health_answers_200_while_a_second_model_loads() -> None:
     finally:
         gate.set()
         server.should_exit = True
+
+
+def test_a_model_that_fails_to_load_is_a_500_with_its_message() -> None:
+    from sllmctl.errors import CorruptCheckpoint
+
+    def loader(name: str) -> tuple[Any, str]:
+        raise CorruptCheckpoint(f"model {name} is corrupt: data.bin fails its checksum")
+
+    sock = bind("127.0.0.1", 0)
+    server = serve_in_thread(make_app(ModelHost(loader), lambda: ["bad"]), sock)
+    while not server.started:
+        threading.Event().wait(0.01)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+            {"model": "bad", "prompt": "x", "stream": True}).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 500
+        assert json.loads(e.value.read())["error"] == {
+            "message": "model bad is corrupt: data.bin fails its checksum",
+            "type": "server_error", "param": None, "code": None}
+        text = urllib.request.urlopen(url + "/metrics").read().decode()
+        assert 'model="bad",endpoint="/v1/completions",status="500"} 1' in text
+    finally:
+        server.should_exit = True

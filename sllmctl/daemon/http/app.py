@@ -70,9 +70,8 @@ class Api:
             except ClientDisconnect:
                 self.metrics.request(getattr(request.state, "model", ""), endpoint, ABORTED)
                 return Response(status_code=400)
-            except (ApiError, NotFound) as e:
-                error = e if isinstance(e, ApiError) else ApiError(
-                    404, e.message, param="model", code="model_not_found")
+            except (ApiError, SllmError) as e:
+                error = e if isinstance(e, ApiError) else _api_error(e)
                 self.metrics.request(getattr(request.state, "model", ""), endpoint,
                                      error.status)
                 return error.response()
@@ -95,10 +94,7 @@ class Api:
 
             return event_stream(reply, lambda on_text: self.generate(served, req, on_text),
                                 ask.include_usage, closed)
-        try:
-            done = await run_in_threadpool(self.generate, served, req)
-        except SllmError as e:
-            raise ApiError(500, e.message, "server_error") from None
+        done = await run_in_threadpool(self.generate, served, req)
         self.metrics.request(ask.model, endpoint, 200)
         return json_response(reply.body(done))
 
@@ -168,6 +164,14 @@ class Api:
     async def server_error(self, request: Request, exc: Exception) -> Response:
         log.exception("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
         return ApiError(500, "internal server error", "server_error").response()
+
+
+def _api_error(e: SllmError) -> ApiError:
+    """A model that is gone is a 404; a load that failed (a corrupt model, say) is the
+    server's error, with its message."""
+    if isinstance(e, NotFound):
+        return ApiError(404, e.message, param="model", code="model_not_found")
+    return ApiError(500, e.message, "server_error")
 
 
 async def _body(request: Request, limit: int) -> bytes:
