@@ -114,6 +114,13 @@ def metrics(url: str) -> str:
     return urllib.request.urlopen(url + "/metrics").read().decode()
 
 
+def aborted(url: str) -> int:
+    """Aborted requests of the tiny model so far."""
+    key = 'sllmctl_requests_total{model="tiny",endpoint="/v1/completions",status="aborted"} '
+    return sum(int(line.removeprefix(key)) for line in metrics(url).splitlines()
+               if line.startswith(key))
+
+
 def test_openai_client_text_parts_and_greedy_default(api: tuple[str, ModelHost]) -> None:
     url, _ = api
     c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
@@ -250,7 +257,7 @@ def test_a_dropped_stream_frees_its_slot(api: tuple[str, ModelHost],
     url, _ = api
     engine = chats["tiny"].engine
     assert engine is not None
-    steps = engine.steps
+    steps, before = engine.steps, aborted(url)
     port = int(url.rsplit(":", 1)[1])
     body = json.dumps({"model": "tiny", "prompt": "Count", "max_tokens": 2000,
                        "stream": True}).encode()
@@ -266,9 +273,28 @@ def test_a_dropped_stream_frees_its_slot(api: tuple[str, ModelHost],
                           {"model": "tiny", "prompt": "Hi", "max_tokens": 2})
     assert status == 200 and got["usage"]["completion_tokens"] == 2
     assert engine.steps - steps < 1000
-    text = metrics(url)
-    assert 'sllmctl_requests_total{model="tiny",endpoint="/v1/completions",status="aborted"} 1' \
-        in text
+    assert aborted(url) == before + 1
+
+
+def test_a_client_gone_before_its_whole_answer_frees_its_slot(
+        api: tuple[str, ModelHost], chats: dict[str, ChatModel]) -> None:
+    url, _ = api
+    engine = chats["tiny"].engine
+    assert engine is not None
+    steps, before = engine.steps, aborted(url)
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "tiny", "prompt": "Count", "max_tokens": 2000}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                f"\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n")
+        s.sendall(head.encode() + body)
+        while engine.steps == steps:  # generating
+            threading.Event().wait(0.01)
+    status, got, _ = call(url, "POST", "/v1/completions",
+                          {"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+    assert status == 200 and got["usage"]["completion_tokens"] == 2
+    assert engine.steps - steps < 1000
+    assert aborted(url) == before + 1
 
 
 def test_metrics_count_failures(api: tuple[str, ModelHost]) -> None:

@@ -7,6 +7,7 @@ before anything is answered; then it is answered whole, or streamed (stream.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Callable, Iterable
@@ -30,6 +31,7 @@ from sllmctl.engine.request import Request as EngineRequest
 from sllmctl.errors import NotFound, SllmError
 
 log = logging.getLogger("sllmctl.daemon")
+POLL = 0.25  # seconds between looks for a client gone while its whole answer is made
 
 
 def make_app(host: ModelHost, models: Callable[[], Iterable[str]], api_key: str | None = None,
@@ -94,8 +96,14 @@ class Api:
 
             return event_stream(reply, lambda on_text: self.generate(served, req, on_text),
                                 ask.include_usage, closed)
-        done = await run_in_threadpool(self.generate, served, req)
-        self.metrics.request(ask.model, endpoint, 200)
+        work = asyncio.ensure_future(run_in_threadpool(self.generate, served, req))
+        gone = False
+        while not (await asyncio.wait({work}, timeout=POLL))[0]:
+            if not gone and await request.is_disconnected():
+                gone = True
+                req.cancel()  # nobody will read the answer: let its slot go
+        done = work.result()
+        self.metrics.request(ask.model, endpoint, ABORTED if gone else 200)
         return json_response(reply.body(done))
 
     def prepare(self, ask: Ask) -> tuple[Served, EngineRequest]:
