@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import torch
@@ -116,3 +117,60 @@ def test_building_on_loaded_tensors_stays_light() -> None:
                       head_dim=16, max_position_embeddings=128, eos_ids=(3,))
     w = Transformer(cfg).embed_tokens.weight.detach()  # built on the CPU: initialised
     assert 0.8 < float(w.std()) < 1.2 and abs(float(w.mean())) < 0.1
+
+
+def test_a_request_round_trips_through_json() -> None:
+    from sllmctl.engine.request import Request, SamplingParams
+
+    params = SamplingParams(12, 0.7, 0.9, 5, seed=3, stop=["x"])
+    req = Request([5, 6, 7], params, eos={3})
+    torch.rand(3, generator=req.generator)  # a generator part-way through
+    req.tokens, req.pieces = [9, 10], ["a", "b"]
+    d = json.loads(json.dumps(req.to_dict()))
+    again = Request.from_dict(d)
+    assert again.to_dict() == req.to_dict()
+    assert again.id == req.id and again.params == params and again.text == "ab"
+    assert again.generator is not None and req.generator is not None
+    assert torch.rand(4, generator=again.generator).tolist() == \
+        torch.rand(4, generator=req.generator).tolist()
+
+
+def test_a_request_rebuilt_mid_generation_carries_on() -> None:
+    """Stopped after a few tokens, written out and rebuilt for another engine, a greedy
+    request ends with the tokens it would have had alone."""
+    from sllmctl.engine.request import Request, SamplingParams
+
+    model, p = tiny_model(), prompts()[4]
+    want = generate(model, p, 12, eos_ids=[])
+    first, second = (BatchEngine(tiny_model(), slots=2, max_len=64) for _ in range(2))
+    req = Request(p, SamplingParams(max_tokens=12))
+    tokens = first.add(req)
+    assert [next(tokens) for _ in range(4)] == want[:4]
+    tokens.close()  # the reader stops: the engine lets the request go
+    while req.out.get() is not None:  # drained once the engine has let it go
+        pass
+    assert req.finish == "abort" and 4 <= len(req.tokens) < 12
+    moved = Request.from_dict(json.loads(json.dumps(req.to_dict())))
+    rest = list(second.add(moved))
+    first.close()
+    second.close()
+    assert moved.tokens == want and moved.finish == "length"
+    assert rest == want[len(req.tokens):]
+
+
+def test_a_cancelled_request_leaves_its_slot_at_the_next_step() -> None:
+    from sllmctl.engine.request import Request, SamplingParams
+    from sllmctl.engine.scheduler import Scheduler
+
+    s = Scheduler(slots=1, max_len=64)
+    a, b = Request([1, 2], SamplingParams(max_tokens=50)), Request([4], SamplingParams(2))
+    s.add(a)
+    s.add(b)
+    assert s.admit() == (0, a) and s.admit() is None  # one slot: b waits
+    s.record(0, a, 7)
+    a.cancel()
+    s.drop_cancelled()
+    assert a.finish == "abort" and s.admit() == (0, b)
+    s.record(0, b, 8)
+    s.record(0, b, 9)
+    assert b.finish == "length" and s.running() == []

@@ -25,12 +25,12 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_s
           "eos_token_id": 2, "bos_token_id": 1, "torch_dtype": "bfloat16"}
 
 
-def tiny(device: str = "cuda") -> Transformer:
+def tiny(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> Transformer:
     torch.manual_seed(0)
     with torch.device("meta"):
         ref = Transformer(ModelConfig.from_hf(CONFIG))
     state = {(k if k.startswith("lm_head") else f"model.{k}"):
-             torch.randn(v.shape, device=device, dtype=torch.bfloat16) * 0.3
+             torch.randn(v.shape, device=device, dtype=dtype) * 0.3
              for k, v in ref.state_dict().items()}
     return Transformer.from_state_dict(ModelConfig.from_hf(CONFIG), state)
 
@@ -60,11 +60,38 @@ def test_graph_decode_equals_eager() -> None:
     engine = BatchEngine(tiny(), slots=4, max_len=1024, graphs=True)
     graphed = run_all(engine, prompts, 20)
     assert graphed == eager
-    assert engine.graphs is not None
-    shapes = set(engine.graphs.graphs)
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    shapes = set(graphs.graphs)
     assert {kv for _, kv in shapes} == {256, 512} and len({b for b, _ in shapes}) > 1
     engine.close()
-    assert engine.graphs.graphs == {}
+    assert graphs.graphs == {}
+
+
+def test_a_request_moves_between_cuda_engines() -> None:
+    """A seeded request stopped part-way on one engine, written out as JSON and rebuilt for
+    another, draws what it would have drawn without the move (its CUDA generator's state goes
+    with it); a greedy one ends with the same tokens. In float32: the move prefills what was
+    decoded, and bf16 rounds the two paths differently."""
+    from sllmctl.engine.request import Request, SamplingParams
+
+    prompt = list(range(3, 40))
+    a, b = (BatchEngine(tiny(dtype=torch.float32), slots=2, max_len=1024, graphs=True)
+            for _ in range(2))
+    for params in (SamplingParams(24), SamplingParams(24, temperature=1.0, seed=7)):
+        want = list(a.add(Request(prompt, params, device="cuda")))
+        req = Request(prompt, params, device="cuda")
+        tokens = a.add(req)
+        assert [next(tokens) for _ in range(5)] == want[:5]
+        tokens.close()
+        while req.out.get() is not None:
+            pass
+        moved = Request.from_dict(json.loads(json.dumps(req.to_dict())))
+        assert moved.generator is None or moved.generator.device.type == "cuda"
+        list(b.add(moved))
+        assert moved.tokens == want, params
+    a.close()
+    b.close()
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "compressed"])

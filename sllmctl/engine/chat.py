@@ -1,32 +1,26 @@
-"""One model ready to answer: weights from the store, tokenizer, chat template, and a
-streaming generation loop with stop strings. Used by `sllmctl run` (in the CLI process for
-now; the daemon's `serve` will host the same object)."""
+"""One model ready to answer: weights from the store, tokenizer, chat template, sampling
+defaults, and a streaming generation loop with stop strings. `sllmctl run` builds one in the
+CLI process; the daemon's HTTP serving hosts one per served model, batched by its engine."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sllmctl.engine.batch import BatchEngine
-from sllmctl.engine.config import ModelConfig
+from sllmctl.engine.config import ModelConfig, sampling_defaults
 from sllmctl.engine.model import Transformer
+from sllmctl.engine.request import ContextTooLong, Request, SamplingParams
 from sllmctl.engine.sampling import stream
-from sllmctl.engine.tokenizer import StopChecker, StreamDecoder, Tokenizer
+from sllmctl.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from sllmctl.store.gpu.copy import GpuLoad
 
 
-@dataclass
-class Params:
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+Params = SamplingParams  # the name `run` and the daemon know it by
 
 
 @dataclass
@@ -48,9 +42,12 @@ class Completion:
 
 class ChatModel:
     def __init__(self, name: str, model: Transformer, tokenizer: Tokenizer,
-                 load_seconds: float) -> None:
+                 load_seconds: float, defaults: dict[str, Any] | None = None) -> None:
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.load_seconds = load_seconds
+        # sampling settings the model's generation_config.json gives (temperature, top_p,
+        # top_k); the HTTP API starts from them where a request names none
+        self.defaults: dict[str, Any] = dict(defaults or {})
         self.engine: BatchEngine | None = None  # set: requests are batched by its thread
         self.loading: GpuLoad | None = None  # set: weights still arriving (layer-pipelined)
 
@@ -74,7 +71,8 @@ class ChatModel:
         files = Store().path(name) / "files"
         dtype = torch.float32 if torch.device(device).type == "cpu" else None
         model = Transformer.from_state_dict(ModelConfig.from_dir(files), state, dtype=dtype)
-        return cls(name, model, Tokenizer.from_folder(files), load_seconds)
+        return cls(name, model, Tokenizer.from_folder(files), load_seconds,
+                   sampling_defaults(files))
 
     @classmethod
     def from_loading(cls, name: str, load: GpuLoad) -> ChatModel:
@@ -110,68 +108,87 @@ class ChatModel:
         model.load_seconds = time.perf_counter() - start
         return model
 
+    @property
+    def max_len(self) -> int:
+        """Tokens one request may hold, prompt and answer together."""
+        if self.engine is not None:
+            return self.engine.max_len
+        return self.model.config.max_position_embeddings
+
+    @property
+    def eos(self) -> set[int]:
+        return self.tokenizer.eos_ids | set(self.model.config.eos_ids)
+
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
+    def request(self, ids: list[int], params: Params) -> Request:
+        """A request for `ids`; one that leaves no room to answer is refused here
+        (ContextTooLong), before anything is generated."""
+        if len(ids) + 1 > self.max_len:
+            raise ContextTooLong(len(ids), self.max_len)
+        return Request(ids, params, eos=self.eos, tokenizer=self.tokenizer,
+                       device=self.model.embed_tokens.weight.device)
+
+    def chat_request(self, messages: list[dict[str, Any]], params: Params) -> Request:
+        return self.request(self.prompt_ids(messages), params)
+
+    def completion_request(self, prompt: str, params: Params) -> Request:
+        """A raw prompt (no chat template)."""
+        return self.request(self.tokenizer.encode(prompt), params)
+
     def chat(self, messages: list[dict[str, Any]], params: Params,
              on_text: Callable[[str], None] | None = None) -> Completion:
         """Answer a conversation; `on_text` receives the text as it is generated."""
-        return self._generate(self.prompt_ids(messages), params, on_text)
+        return self.generate(self.chat_request(messages, params), on_text)
 
     def complete(self, prompt: str, params: Params,
                  on_text: Callable[[str], None] | None = None) -> Completion:
         """Continue a raw prompt (no chat template)."""
-        return self._generate(self.tokenizer.encode(prompt), params, on_text)
+        return self.generate(self.completion_request(prompt, params), on_text)
 
-    def _generate(self, ids: list[int], params: Params,
-                  on_text: Callable[[str], None] | None) -> Completion:
+    def generate(self, req: Request, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Run a request to its end; `on_text` receives the text as it is generated."""
         import torch
 
         start = time.perf_counter()
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model.embed_tokens.weight.device)
-            generator.manual_seed(params.seed)
-        decoder = StreamDecoder(self.tokenizer, prompt_ids=ids)
-        stops = StopChecker(params.stop)
-        eos = self.tokenizer.eos_ids | set(self.model.config.eos_ids)
-        pieces: list[str] = []
-        ttft, count, finish = 0.0, 0, "length"
-
-        def emit(text: str) -> None:
-            if text:
-                pieces.append(text)
-                if on_text:
-                    on_text(text)
-
-        if self.engine is not None:
-            tokens = self.engine.submit(ids, params.max_tokens, temperature=params.temperature,
-                                        top_p=params.top_p, top_k=params.top_k, eos=eos,
-                                        generator=generator)
-        else:
-            tokens = stream(self.model, ids, params.max_tokens, temperature=params.temperature,
-                            top_p=params.top_p, top_k=params.top_k, eos_ids=eos,
-                            generator=generator)
+        ttft, count = 0.0, 0
+        before = len(req.tokens)  # a rebuilt request has some already
         with torch.inference_mode():
-            for token in tokens:
+            for token in self._tokens(req):
                 if count == 0:
                     ttft = time.perf_counter() - start
                 count += 1
-                if token in eos:
-                    finish = "stop"
+                text, done = req.take(token)
+                if text and on_text:
+                    on_text(text)
+                if done:
                     break
-                text, stopped = stops.feed(decoder.push(token))
-                emit(text)
-                if stopped:
-                    finish = "stop"
-                    break
-        if not stops.stopped:  # text held back by the decoder or the stop checker
-            text, stopped = stops.feed(decoder.flush())
-            emit(text)
-            if stopped:
-                finish = "stop"
-            else:
-                emit(stops.flush())
-        return Completion("".join(pieces), finish, len(ids), count,
+            text = req.flush()
+            if text and on_text:
+                on_text(text)
+        finish = "length" if req.finish == "length" else "stop"
+        return Completion(req.text, finish, len(req.prompt), len(req.tokens) - before,
                           time.perf_counter() - start, ttft)
+
+    def _tokens(self, req: Request) -> Iterator[int]:
+        if self.engine is not None:
+            return self.engine.add(req)
+        return self._alone(req)
+
+    def _alone(self, req: Request) -> Iterator[int]:
+        """Batch 1 without an engine thread (`sllmctl run`)."""
+        p = req.params
+        tokens = stream(self.model, req.context(), p.max_tokens - len(req.tokens),
+                        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                        eos_ids=req.eos, generator=req.generator)
+        for token in tokens:
+            req.tokens.append(token)
+            yield token
+            if req.cancelled.is_set():
+                break
+        if req.tokens and req.tokens[-1] in req.eos:
+            req.finish = req.finish or "stop"
+        elif len(req.tokens) >= p.max_tokens:
+            req.finish = req.finish or "length"

@@ -24,8 +24,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from sllmctl.errors import SllmError
 
+# Names a message's reasoning may come under; templates read the first (transformers aliases them).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-# Tokens of context decoded before the first new one, so that its leading space comes out right.
+
 
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():

@@ -105,6 +105,25 @@ class ModelConfig:
         return cls.from_hf(config, gen)
 
 
+# generation_config.json keys the API takes as sampling defaults (as vLLM does), and their ranges
+SAMPLING_KEYS = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "top_k": (0, 1 << 30)}
+
+
+def sampling_defaults(files: Path) -> dict[str, float | int]:
+    """The temperature, top_p and top_k a model's generation_config.json sets (values out of
+    range, or of the wrong type, are left out); empty if it sets none."""
+    try:
+        gen = json.loads((files / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float | int] = {}
+    for key, (lo, hi) in SAMPLING_KEYS.items():
+        v = gen.get(key) if isinstance(gen, dict) else None
+        if isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi:
+            out[key] = int(v) if key == "top_k" else float(v)
+    return out
+
+
 def _model_type(config: dict[str, Any]) -> str:
     archs = config.get("architectures") or []
     name = archs[0] if archs else config.get("model_type")

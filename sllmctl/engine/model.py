@@ -9,8 +9,7 @@ Every forward writes its keys and values into a `KVCache` at `input_pos` and att
 first `kv_len` positions of the cache through an explicit mask, so that prefill and decode share
 one path and a short context does not pay for the whole cache. Grouped-query attention folds
 the query heads of each key/value head into the query length, so the cache is never repeated.
-Where the loader placed q/k/v (or gate/up) weights back to back, as `sllmctl convert` does, one
-matrix multiply reads them through a single view of that memory.
+Loaded tensors, and the fused q/k/v and gate/up views over them, are assigned by weights.py.
 
 `gate`, when set, is called with the index of each layer before it runs (-1 before the
 embedding, `layers` before the head): the layer-pipelined cold start uses it to wait for the
@@ -26,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sllmctl.engine import kernels
+from sllmctl.engine import kernels, weights
 from sllmctl.engine.config import ModelConfig
 from sllmctl.engine.rope import rope_frequencies
-from sllmctl.errors import SllmError
 
 
 class KVCache:
@@ -209,33 +207,10 @@ class Transformer(nn.Module):
     def from_state_dict(
         cls, config: ModelConfig, state_dict: Mapping[str, Tensor], dtype: torch.dtype | None = None
     ) -> Transformer:
-        """Build on the meta device and take the given tensors as the parameters (no copy,
-        unless `dtype` asks for a conversion). Names are transformers'."""
+        """Built on the meta device, on the given tensors (no copy unless `dtype` asks)."""
         with torch.device("meta"):
             model = cls(config)
-        tensors = {
-            k.removeprefix("model."): v if dtype is None else v.to(dtype)
-            for k, v in state_dict.items()
-            if not k.endswith("rotary_emb.inv_freq")
-        }
-        if config.tie_word_embeddings and "embed_tokens.weight" in tensors:
-            tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-        try:
-            missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        except RuntimeError as e:  # shape mismatches
-            raise SllmError(f"checkpoint does not match its config: {e}".splitlines()[0]) from e
-        if missing or unexpected:
-            raise SllmError(
-                "checkpoint does not match its config: "
-                f"missing {_few(missing)}, unexpected {_few(unexpected)}"
-            )
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        for block in model.layers:
-            assert isinstance(block, Block)
-            a, m = block.self_attn, block.mlp
-            a.qkv = _fused(a.q_proj, a.k_proj, a.v_proj)
-            m.gate_up = _fused(m.gate_proj, m.up_proj)
+        weights.assign(model, config, state_dict, dtype)
         model.fused = (kernels.available() and not config.qk_norm
                        and config.head_dim & (config.head_dim - 1) == 0)
         return model.eval().requires_grad_(False)
@@ -324,34 +299,3 @@ class Transformer(nn.Module):
             gate(len(self.layers))
         _, h = kernels.add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)
         return self.lm_head(h).float()
-
-
-def _fused(*linears: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
-    """One [sum of out, in] view over weights that lie back to back in memory (as the store
-    lays them out), with the biases concatenated; None if they do not."""
-    ws = [m.weight for m in linears]
-    first = ws[0]
-    if first.dim() != 2 or first.device.type == "meta":
-        return None
-    ptr = first.data_ptr()
-    for w in ws:
-        same = (w.dtype == first.dtype and w.device == first.device and w.is_contiguous()
-                and w.dim() == 2 and w.shape[1] == first.shape[1]
-                and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr())
-        if not same or w.data_ptr() != ptr:
-            return None
-        ptr += w.numel() * w.element_size()
-    rows = sum(w.shape[0] for w in ws)
-    weight = first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
-    biases = [m.bias for m in linears]
-    if all(b is None for b in biases):
-        return weight, None
-    if any(b is None for b in biases):
-        return None
-    return weight, torch.cat([b for b in biases if b is not None])
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    if not names:
-        return "none"
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

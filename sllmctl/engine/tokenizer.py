@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.utils
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -42,7 +39,7 @@ SPECIAL_TOKEN_NAMES = (
     "cls_token",
     "mask_token",
 )
-# Names a message's reasoning may come under; templates read the first (transformers aliases them).
+# Tokens of context decoded before the first new one, so that its leading space comes out right.
 PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
 
@@ -261,6 +258,16 @@ class StreamDecoder:
         self._prefix, self._read = self._read, len(self.ids)
         return text[len(prefix_text) :]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"ids": list(self.ids), "prefix": self._prefix, "read": self._read,
+                "skip_special_tokens": self.skip_special_tokens}
+
+    @classmethod
+    def from_dict(cls, tokenizer: Tokenizer, d: Mapping[str, Any]) -> StreamDecoder:
+        decoder = cls(tokenizer, skip_special_tokens=bool(d["skip_special_tokens"]))
+        decoder.ids, decoder._prefix, decoder._read = list(d["ids"]), d["prefix"], d["read"]
+        return decoder
+
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
@@ -298,6 +305,16 @@ class StopChecker:
         """The held-back text, at the end of a stream that met no stop string."""
         held, self._held = self._held, ""
         return "" if self.stopped else held
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stops": list(self.stops), "stopped": self.stopped, "stop": self.stop,
+                "held": self._held}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StopChecker:
+        checker = cls(d["stops"])
+        checker.stopped, checker.stop, checker._held = d["stopped"], d["stop"], d["held"]
+        return checker
 
     @staticmethod
     def _partial(text: str, stop: str) -> int:

@@ -1,6 +1,6 @@
-"""The models the daemon serves: loaded on the first request from the fastest tier that holds
-them, unloaded after their keep-alive. Each model batches its concurrent requests in its own
-engine thread (sllmctl.engine.batch).
+"""The models the daemon serves over HTTP (serving policy): loaded on the first request from
+the fastest tier that holds them, unloaded after their keep-alive. Each model batches its
+concurrent requests in its own engine thread (sllmctl.engine.batch).
 
 A loader may hand back a model whose weights are still arriving on the GPU (layer-pipelined
 cold start): requests go to it at once; its load time is recorded when the load ends, and a
@@ -126,12 +126,17 @@ class ModelHost:
             self._close(s)
         return idle
 
-    @property
-    def busy_loading(self) -> bool:
+    def readiness(self) -> tuple[list[str], list[str]]:
+        """The served models that are ready, and those still loading."""
         with self.lock:
-            return bool(self.loading) or any(
-                s.model.loading is not None and not s.model.loading.done
-                for s in self.models.values())
+            loading = set(self.loading)
+            ready = []
+            for name, s in self.models.items():
+                if s.model.loading is not None and not s.model.loading.done:
+                    loading.add(name)
+                else:
+                    ready.append(name)
+        return sorted(ready), sorted(loading)
 
     def status(self) -> list[dict[str, Any]]:
         with self.lock:
