@@ -29,6 +29,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +126,24 @@ class Node:
     ns: str
     addr: str
 
+    @property
+    def name(self) -> str:  # its name in the client's hosts file
+        return f"h{self.index}"
+
+
+@dataclass(frozen=True)
+class HostDirs:
+    """One host's own folders and keys, for a daemon started inside its namespace."""
+
+    home: Path
+    runtime: Path
+    keys: Path  # the daemon's key pair and authorized_keys
+    public: str  # the daemon's public key (Z85)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLLMCTL_HOME": str(self.home),
+                "SLLMCTL_RUNTIME_DIR": str(self.runtime)}
+
 
 class Bed:
     def __init__(self, n: int, prefix: str | None = None) -> None:
@@ -163,6 +182,26 @@ class Bed:
         ip("-n", self.bridge, "link", "set", port, "up")
         ip("-n", node.ns, "addr", "add", f"{node.addr}/24", "dev", "eth0")
         ip("-n", node.ns, "link", "set", "eth0", "up")
+
+    def provision(self, i: int, root: Path, admit: dict[str, str]) -> HostDirs:
+        """Make host i's home, runtime folder and key pair under `root`, and its allow-list
+        with `admit` (Z85 public key -> role, labelled by role)."""
+        from sllmctl.wire import keys
+
+        base = root / self.nodes[i].name
+        dirs = HostDirs(base / "home", base / "run", base / "home" / "keys", "")
+        dirs.runtime.mkdir(parents=True, mode=0o700)
+        pair = keys.create_keys(dirs.keys)
+        lines = [f"{key} {role} {role}-{n}" for n, (key, role) in enumerate(admit.items())]
+        (dirs.keys / keys.ALLOW_LIST).write_text("\n".join(lines) + "\n")
+        return HostDirs(dirs.home, dirs.runtime, dirs.keys, pair.public)
+
+    def write_hosts(self, path: Path, port: int, dirs: dict[int, HostDirs]) -> None:
+        """Add hosts h<i> (tcp://10.77.0.<i+1>:port, their daemon's key) to a hosts file."""
+        from sllmctl.wire import hosts
+
+        for i, d in dirs.items():
+            hosts.add(self.nodes[i].name, f"tcp://{self.nodes[i].addr}:{port}", d.public, path)
 
     def shape(self, i: int, rate: str, delay: str | None = None) -> None:
         """Shape host i's link both ways: `rate` (tbf; e.g. 10gbit, 25gbit, 100gbit) and an

@@ -16,7 +16,7 @@ import zmq
 from netbed import Bed, leftovers, netbed_fixture, sweep, unavailable, wait_line  # noqa: F401
 from netbed_probe import tcp_payloads
 
-from sllmctl.wire import keys
+from sllmctl.wire import hosts, keys
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -115,11 +115,14 @@ def test_curve_across_namespaces(netbed: MakeBed, tmp_path: Path) -> None:
     unknown one refused, and the wire between them shows no JSON in clear (a plain ZeroMQ
     control exchange in the same capture does, so the capture sees payload)."""
     bed = netbed(2)
-    srv_dir, ann_dir, eve_dir = tmp_path / "srv", tmp_path / "ann", tmp_path / "eve"
-    server_key = keys.create_keys(srv_dir).public
+    ann_dir, eve_dir = tmp_path / "ann", tmp_path / "eve"
     ann = keys.create_keys(ann_dir, "client")
-    (srv_dir / keys.ALLOW_LIST).write_text(f"{ann.public} admin ann\n")
-    curve = start(bed, 0, [*ECHO, "server", str(srv_dir), "tcp://10.77.0.1:7000", "60"])
+    srv = bed.provision(0, tmp_path, {ann.public: "admin"})
+    bed.write_hosts(tmp_path / "hosts.toml", 7000, {0: srv})
+    found = hosts.load(tmp_path / "hosts.toml")["h0"]
+    assert (found.endpoint, found.key) == ("tcp://10.77.0.1:7000", srv.public)
+    server_key = found.key
+    curve = start(bed, 0, [*ECHO, "server", str(srv.keys), "tcp://10.77.0.1:7000", "60"])
     plain = start(bed, 0, [*ECHO, "server", str(tmp_path / "p"), "tcp://10.77.0.1:7001", "60",
                            "plain"])
     stop = tmp_path / "stop"
@@ -145,6 +148,18 @@ def test_curve_across_namespaces(netbed: MakeBed, tmp_path: Path) -> None:
     assert b"CURVE" in payload[7000]  # the ZMTP greeting names the mechanism
     for proc in (curve, plain):
         bed.stop(proc)
+
+
+def test_skips_with_one_line_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    import netbed as nb
+
+    monkeypatch.setattr(nb, "_reason", [])
+    monkeypatch.setattr(nb.os, "geteuid", lambda: 1000)
+    assert nb.unavailable() == "netbed needs root (network namespaces)"
+    monkeypatch.setattr(nb, "_reason", [])
+    monkeypatch.setattr(nb.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(nb.shutil, "which", lambda name: None)
+    assert nb.unavailable() == "netbed needs `ip` and `tc` (iproute2)"
 
 
 def test_plain_client_gets_nothing_across_namespaces(netbed: MakeBed, tmp_path: Path) -> None:
