@@ -74,13 +74,15 @@ def ask(endpoint: str, payload: bytes, client: keys.KeyPair | None, server_key: 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    sock.sndtimeo = timeout_ms  # a DEALER with no peer blocks on send; POLLOUT is not enough
     try:
         if client is not None and server_key is not None:
             keys.secure_client(sock, client, server_key)
         handshake = keys.connect_checked(sock, endpoint, timeout_ms)
-        if not sock.poll(timeout_ms, zmq.POLLOUT):  # a DEALER with no peer blocks on send
+        try:
+            sock.send(payload)
+        except zmq.Again:
             return handshake, None
-        sock.send(payload)
         reply = sock.recv_multipart() if sock.poll(timeout_ms) else None
         return handshake, reply
     finally:

@@ -139,6 +139,15 @@ def test_unknown_key_refused_and_logged(server: EchoServer, tmp_path: Path,
     assert f"refused key {stranger.fingerprint}" in caplog.text
 
 
+def test_refusal_error_names_host_key_and_fix(tmp_path: Path) -> None:
+    ann = keys.create_keys(tmp_path, "client")
+    err = keys.refused("gpu1", "tcp://10.0.0.2:7070", ann)
+    assert err.exit_code == keys.EXIT_REFUSED == 4
+    assert err.message.startswith(f"gpu1 (tcp://10.0.0.2:7070) refused this client's key "
+                                  f"{ann.fingerprint}")
+    assert err.hint is not None and ann.public in err.hint and "daemon reload" in err.hint
+
+
 def test_revoked_key_refused_also_on_open_connection(server: EchoServer, tmp_path: Path) -> None:
     ann = keys.create_keys(tmp_path / "ann", "client")
     allow(server, f"{ann.public} admin ann")

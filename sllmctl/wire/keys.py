@@ -60,6 +60,15 @@ class Refused(SllmError):
     exit_code = EXIT_REFUSED
 
 
+def refused(host: str, endpoint: str, client: KeyPair) -> Refused:
+    """The one-line error for a handshake a daemon turned down, naming the host and the fix."""
+    return Refused(
+        f"{host} ({endpoint}) refused this client's key {client.fingerprint}, or its key is "
+        "not the one in hosts.toml",
+        hint=f"on {host}: add `{client.public} admin <label>` (or peer, read) to its "
+             f"{ALLOW_LIST}, then `sllmctl daemon reload`; check the key with `sllmctl hosts ls`")
+
+
 @dataclass(frozen=True)
 class KeyPair:
     public: str  # Z85, 40 characters
