@@ -252,6 +252,9 @@ class Bed:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         return proc.returncode
 
     def down(self) -> None:

@@ -7,6 +7,8 @@ import logging
 import os
 import socket
 import stat
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,6 +196,60 @@ def test_raw_tcp_garbage_does_not_stop_the_server(server: EchoServer, tmp_path: 
             s.sendall(blob)
             with contextlib.suppress(TimeoutError, ConnectionResetError):
                 s.recv(4096)
+    assert ask(server.endpoint, b"x", ann, server.keys.public, DEADLINE_MS)[1] == [b"admin", b"x"]
+
+
+class Recorder:
+    """A TCP relay in front of `endpoint` that records the bytes its one client sends."""
+
+    def __init__(self, endpoint: str) -> None:
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(5)
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent = bytearray()
+        self.thread = threading.Thread(target=self._relay, daemon=True)
+        self.thread.start()
+
+    def _relay(self) -> None:
+        with contextlib.suppress(OSError), self.listener, socket.create_connection(
+                self.target, timeout=5) as upstream:
+            conn, _ = self.listener.accept()
+            with conn:
+                for s in (conn, upstream):
+                    s.settimeout(0.05)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:  # bounded: 5 s at most
+                    for src, dst in ((conn, upstream), (upstream, conn)):
+                        with contextlib.suppress(TimeoutError):
+                            data = src.recv(65536)
+                            if not data:
+                                return
+                            if src is conn:
+                                self.sent += data
+                            dst.sendall(data)
+
+
+def test_replayed_handshake_and_request_get_nothing(server: EchoServer, tmp_path: Path) -> None:
+    """Bytes of an admitted session, sent again verbatim, neither handshake nor reach the app:
+    CURVE's per-connection keys and the server's cookie make a recording worthless."""
+    ann = keys.create_keys(tmp_path / "ann", "client")
+    allow(server, f"{ann.public} admin ann")
+    relay = Recorder(server.endpoint)
+    assert ask(relay.endpoint, b'{"op": "rm"}', ann, server.keys.public, DEADLINE_MS)[1] == [
+        b"admin", b'{"op": "rm"}']
+    relay.thread.join(timeout=10)
+    served, recording = server.served, bytes(relay.sent)
+    assert len(recording) > 200 and b'{"op": "rm"}' not in recording  # sealed on the wire
+    for cut in (len(recording), len(recording) // 2, 64):  # whole, truncated, greeting only
+        with socket.create_connection(relay.target, timeout=2) as s:
+            s.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                s.sendall(recording[:cut])
+                s.recv(65536)
+                s.recv(65536)
+    assert server.served == served  # no replayed request reached the echo
     assert ask(server.endpoint, b"x", ann, server.keys.public, DEADLINE_MS)[1] == [b"admin", b"x"]
 
 
