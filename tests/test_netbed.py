@@ -105,6 +105,8 @@ def test_interrupted_run_cleans_up_and_sweep_removes_dead_beds(tmp_path: Path) -
             if child.poll() is None:
                 child.kill()
                 child.wait()
+            assert child.stdout is not None
+            child.stdout.close()
         if sig == signal.SIGKILL:  # no atexit ran: the next sweep finds the dead pid's bed
             assert leftovers(prefix) and prefix + "-br" in sweep()
         assert leftovers(prefix) == []
