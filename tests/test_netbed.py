@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from netbed import Bed, leftovers, netbed_fixture, sweep, unavailable, wait_line  # noqa: F401
+from netbed import Bed, NetbedError, leftovers, netbed_fixture, sweep, unavailable, wait_line  # noqa: F401
 from netbed_probe import tcp_payloads
 
 from sllmctl.wire import hosts, keys
@@ -77,6 +77,25 @@ def test_tc_shaped_link_is_measurably_slower(netbed: MakeBed) -> None:
     assert "tbf" in qdisc and "100Gbit" in qdisc
 
 
+def connect_seconds(bed: Bed, i: int, addr: str, port: int) -> float:
+    code = ("import socket, time; t = time.perf_counter();"
+            f" socket.create_connection(({addr!r}, {port}), timeout=10).close();"
+            " print(time.perf_counter() - t)")
+    return float(bed.run(i, [sys.executable, "-c", code]).stdout)
+
+
+def test_tc_delay_adds_latency(netbed: MakeBed) -> None:
+    bed = netbed(2)
+    server = start(bed, 0, [*PROBE, "echo", "10.77.0.1", "9002", "30"])
+    try:
+        bed.shape(1, "1gbit", "25ms")
+    except NetbedError as e:
+        pytest.skip(str(e).splitlines()[0])
+    # a TCP connect is one round trip: at least 2 x 25 ms with the delay on both directions
+    assert connect_seconds(bed, 1, "10.77.0.1", 9002) >= 0.045
+    bed.stop(server)
+
+
 def test_nothing_left_after_down(netbed: MakeBed) -> None:
     bed = netbed(2)
     proc = bed.spawn(0, ["sleep", "60"])
@@ -116,10 +135,11 @@ def test_curve_across_namespaces(netbed: MakeBed, tmp_path: Path) -> None:
     """A CURVE echo server in host 0, clients in host 1: the admitted key is answered, an
     unknown one refused, and the wire between them shows no JSON in clear (a plain ZeroMQ
     control exchange in the same capture does, so the capture sees payload)."""
-    bed = netbed(2)
-    ann_dir, eve_dir = tmp_path / "ann", tmp_path / "eve"
+    bed = netbed(3)
+    ann_dir, eve_dir, rita_dir = tmp_path / "ann", tmp_path / "eve", tmp_path / "rita"
     ann = keys.create_keys(ann_dir, "client")
-    srv = bed.provision(0, tmp_path, {ann.public: "admin"})
+    rita = keys.create_keys(rita_dir, "client")
+    srv = bed.provision(0, tmp_path, {ann.public: "admin", rita.public: "read"})
     bed.write_hosts(tmp_path / "hosts.toml", 7000, {0: srv})
     found = hosts.load(tmp_path / "hosts.toml")["h0"]
     assert (found.endpoint, found.key) == ("tcp://10.77.0.1:7000", srv.public)
@@ -130,14 +150,16 @@ def test_curve_across_namespaces(netbed: MakeBed, tmp_path: Path) -> None:
     stop = tmp_path / "stop"
     cap = start(bed, 0, [*PROBE, "capture", "eth0", "60", str(tmp_path / "cap"), str(stop)])
 
-    def client(folder: Path, port: int, text: str, key: str = server_key) -> dict[str, object]:
-        done = bed.run(1, [*ECHO, "client", str(folder), key, f"tcp://10.77.0.1:{port}", text])
+    def client(folder: Path, port: int, text: str, key: str = server_key,
+               host: int = 1) -> dict[str, object]:
+        done = bed.run(host, [*ECHO, "client", str(folder), key, f"tcp://10.77.0.1:{port}", text])
         return json.loads(done.stdout.splitlines()[-1])
 
     secret = json.dumps({"op": "status", "marker": "curve-" + os.urandom(6).hex()})
     control = json.dumps({"op": "status", "marker": "plain-" + os.urandom(6).hex()})
     assert client(ann_dir, 7000, secret) == {"handshake": "ok", "reply": ["admin", secret]}
     assert client(eve_dir, 7000, secret) == {"handshake": "refused", "reply": None}
+    assert client(rita_dir, 7000, secret, host=2) == {"handshake": "ok", "reply": ["read", secret]}
     assert client(tmp_path / "x", 7001, control, "-") == {"handshake": "ok",
                                                           "reply": ["none", control]}
     time.sleep(0.3)  # let the last frames reach the capture
