@@ -41,6 +41,20 @@ def main() -> int:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         print(f"graph replay: {1e3 * step:.2f} ms per step = {args.rows / step:.1f} tokens/s; "
               f"weights {weights / 1e9:.2f} GB -> {weights / step / 1e9:.0f} GB/s", flush=True)
+        fused = model.fused
+        for model.fused in sorted({fused, False}, reverse=True):  # Triton kernels, then plain
+            tokens, pos = graphs.tokens[: args.rows], graphs.pos[: args.rows]
+            for _ in range(3):
+                model(tokens, pos, last_only=True, kv_len=args.kv_len)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(20):
+                model(tokens, pos, last_only=True, kv_len=args.kv_len)
+            torch.cuda.synchronize()
+            eager = (time.perf_counter() - t) / 20
+            print(f"eager step ({'Triton kernels' if model.fused else 'plain PyTorch'}): "
+                  f"{1e3 * eager:.2f} ms = {args.rows / eager:.1f} tokens/s", flush=True)
+        model.fused = fused
         from torch.profiler import ProfilerActivity, profile
 
         tokens, pos = graphs.tokens[: args.rows], graphs.pos[: args.rows]
