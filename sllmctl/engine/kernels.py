@@ -131,3 +131,14 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, out, n, BLOCK=block,
                                                            num_warps=4)
     return out.view(*gate_up.shape[:-1], n)
+
+
+# Issue 20: launches without Triton's per-call overhead, attention without per-shape plans
+# (sllmctl.engine.fastpath).
+from sllmctl.engine import fastpath  # noqa: E402
+
+fastpath.planless_attention()
+if triton is not None:
+    _add_rmsnorm_kernel = fastpath.Launcher(_add_rmsnorm_kernel)
+    _rope_cache_kernel = fastpath.Launcher(_rope_cache_kernel)
+    _silu_mul_kernel = fastpath.Launcher(_silu_mul_kernel)
