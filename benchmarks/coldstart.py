@@ -150,7 +150,7 @@ def daemons(args: Any, name: str, results: dict[str, Any]) -> None:
     dc.stop()
     port = 18000 + os.getpid() % 1000
     for mode in args.modes.split(","):
-        for tier in ("dram", "disk"):
+        for tier in args.tiers.split(","):
             mode_env(mode, args.dir)  # a cold mode is cold for each tier
             r = one_daemon(name, size, tier, port)
             results[f"{mode}_{tier}"] = r
@@ -204,6 +204,7 @@ def main() -> int:
     ap = arguments(__doc__)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--inproc", choices=("cold", "warm"), help="profile one fresh process")
+    ap.add_argument("--tiers", default="dram,disk")
     ap.add_argument("--skip-inproc", action="store_true")
     args = ap.parse_args()
     os.environ["SLLMCTL_HOME"] = str((args.dir / "home").resolve())
