@@ -100,6 +100,9 @@ class State:
             self.dram = DramTier(self.settings.dram_pool_bytes, pinned)
             log.info("tiers ready: DRAM pool %.2f GB (pinned: %s), %d GPU(s)",
                      self.dram.capacity / 1e9, pinned, self.gpu.count)
+            from sllmctl.engine import warmup  # kernels compiled before the first request
+
+            log.info("warm-up: %s", warmup.at_daemon_start(paths.home(), self.gpu.count))
         except Exception as e:
             self.init_error = f"{type(e).__name__}: {e}"
             log.exception("tier initialisation failed")

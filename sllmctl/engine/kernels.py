@@ -131,3 +131,14 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, out, n, BLOCK=block,
                                                            num_warps=4)
     return out.view(*gate_up.shape[:-1], n)
+
+
+# Launched without Triton's per-call overhead, and attention without cuDNN's per-shape plans,
+# so that neither is paid on a request's path (sllmctl.engine.fastpath says why).
+from sllmctl.engine import fastpath  # noqa: E402
+
+fastpath.planless_attention()
+if triton is not None:
+    _add_rmsnorm_kernel = fastpath.Launcher(_add_rmsnorm_kernel)
+    _rope_cache_kernel = fastpath.Launcher(_rope_cache_kernel)
+    _silu_mul_kernel = fastpath.Launcher(_silu_mul_kernel)
