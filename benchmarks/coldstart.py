@@ -93,8 +93,9 @@ def served(c: Any, name: str) -> dict[str, Any]:
 
 
 def one_daemon(name: str, size: int, tier: str, port: int) -> dict[str, Any]:
-    from sllmctl.daemon import client as dc
     from sllmctl.daemon.client import Client
+
+    from sllmctl.daemon import client as dc
 
     r: dict[str, Any] = {}
     t = time.perf_counter()
