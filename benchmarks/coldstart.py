@@ -93,9 +93,8 @@ def served(c: Any, name: str) -> dict[str, Any]:
 
 
 def one_daemon(name: str, size: int, tier: str, port: int) -> dict[str, Any]:
-    from sllmctl.daemon.client import Client
-
-    from sllmctl.daemon import client as dc
+    from sllmctl.wire import client as dc
+    from sllmctl.wire.client import Client
 
     r: dict[str, Any] = {}
     t = time.perf_counter()
@@ -142,7 +141,7 @@ def daemons(args: Any, name: str, results: dict[str, Any]) -> None:
 
     size = sum(f.size for f in Store().get(name).manifest.files)
     starter(args.dir)
-    from sllmctl.daemon import client as dc
+    from sllmctl.wire import client as dc
 
     os.environ["SLLMCTL_WARMUP"] = "0"  # a first daemon measures the disk, once per home
     c = dc.start_detached(dram_pool="1GiB", measure_bytes=64 << 20)
