@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from sllmctl import __version__, paths
+from sllmctl import paths
+from sllmctl._version import __version__
 from sllmctl.commands import (
     convert,
     daemon,

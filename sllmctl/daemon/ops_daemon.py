@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sllmctl import __version__, paths
+from sllmctl import paths
+from sllmctl._version import __version__
 from sllmctl.daemon.state import Progress, State
 from sllmctl.store.store import Store
 from sllmctl.wire.envelope import PROTOCOL_VERSION

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sllmctl import __version__, paths
+from sllmctl import paths
+from sllmctl._version import __version__
 from sllmctl.errors import SllmError, UsageError
 from sllmctl.wire.envelope import PROTOCOL_VERSION
 
