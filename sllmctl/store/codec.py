@@ -20,6 +20,7 @@ them there; `read_into` decodes on the CPU (the CPU path, `verify`, the DRAM tie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,19 @@ class Layout:
 
 
 # ---------------------------------------------------------------- encoding
+
+def encoder(compress: bool | str) -> tuple[str, Callable[[np.ndarray], tuple[int, list[Any]]]]:
+    """(encoding, chunk encoder) for `convert(compress=...)`: True is ENCODING, or a name
+    ("split-zstd", "exp3": codec_exp3.py)."""
+    name = ENCODING if compress is True else compress
+    if name == "exp3":
+        from sllmctl.store import codec_exp3
+
+        return name, codec_exp3.encode_chunk
+    if name != ENCODING:
+        raise ValueError(f"unknown encoding {name!r}")
+    return name, encode_chunk
+
 
 def _zstd() -> Any:
     """The zstandard module, or a one-line error saying how to get it."""
@@ -140,6 +154,11 @@ def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: n
 
     layout = Layout(f, chunk)
     frames = layout.frames(offset, length)
+    decode = decode_frame
+    if f.encoding == "exp3":
+        from sllmctl.store import codec_exp3
+
+        decode = codec_exp3.decode_frame
 
     def one(fr: tuple[int, int, int, int]) -> tuple[int, str]:
         i, n, at, z = fr
@@ -150,7 +169,7 @@ def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: n
             return 0, ""
         dst = out[i * chunk - offset:i * chunk - offset + n]
         try:
-            decode_frame(stored, n, z, dst)
+            decode(stored, n, z, dst)
         except FrameError:
             return n, UNDECODABLE
         return n, native.checksum(dst.ctypes.data, n)
@@ -177,10 +196,15 @@ def split_piece(model: Any, offset: int, length: int, buf: torch.Tensor, start: 
 
     out: list[tuple[int, int, Any, Any]] = []
     spare = length  # stored bytes never exceed the logical ones; the high planes go after
+    exp3 = layout.file.encoding == "exp3"
     for i, n, at, z in layout.frames(offset, length):
         rel = at - start
         if z == 0:
             out.append((i * layout.chunk, n, buf[rel:rel + n], None))
+            continue
+        if exp3:  # decoded here for now, into memory of its own (gpu/decode.py: on the GPU)
+            out.append((i * layout.chunk, n, _decode_exp3(model, layout, i, buf[rel:], n, z),
+                        None))
             continue
         h = n // 2
         hi = buf[spare:spare + h]
@@ -193,3 +217,23 @@ def split_piece(model: Any, offset: int, length: int, buf: torch.Tensor, start: 
         out.append((i * layout.chunk, n, buf[rel:rel + h], hi))
         spare += h
     return out
+
+
+def _decode_exp3(model: Any, layout: Layout, i: int, stored: torch.Tensor, n: int,
+                 z: int) -> torch.Tensor:
+    """An exp3 frame decoded on the CPU into a new tensor; CorruptCheckpoint names a frame
+    that does not decode."""
+    import torch
+
+    from sllmctl.errors import CorruptCheckpoint
+    from sllmctl.store import codec_exp3
+    from sllmctl.store.reader import reconvert_hint
+
+    out = np.empty(n, dtype=np.uint8)
+    try:
+        codec_exp3.decode_frame(stored.numpy(), n, z, out)
+    except FrameError as e:
+        raise CorruptCheckpoint(
+            f"model {model.name}: data file {layout.file.path} chunk {i} does not "
+            f"decode ({e})", hint=reconvert_hint(model)) from None
+    return torch.from_numpy(out)

@@ -21,8 +21,9 @@ import numpy as np
 from sllmctl.errors import CorruptCheckpoint
 
 MAGIC = "sllmctl-checkpoint"
-READ_VERSIONS = (1, 2)  # written: 2 where a data file is encoded, else 1
-ENCODINGS = ("split-zstd",)  # see codec.py
+READ_VERSIONS = (1, 2, 4)  # written: the highest version an encoded file needs, else 1
+# encoding -> the first format version that holds it (codec.py, codec_exp3.py)
+ENCODINGS = {"split-zstd": 2, "exp3": 4}
 ALIGNMENT = 4096  # bytes; O_DIRECT block and page size, and a multiple of every GPU access width
 CHUNK_SIZE = 16 << 20  # bytes covered by one checksum; a multiple of ALIGNMENT
 CHECKSUM = "sum64x2"
@@ -115,7 +116,7 @@ class DataFile:
     path: str
     size: int  # the bytes it holds (decoded); tensor offsets and checksums refer to these
     checksums: list[str]
-    encoding: str | None = None  # None: stored as is; "split-zstd": frame by frame
+    encoding: str | None = None  # None: stored as is; "split-zstd", "exp3": frame by frame
     frames: list[int] | None = None  # encoded: each frame's compressed length, 0 = plain
     stored_size: int | None = None  # encoded: the file's size on disk
 
@@ -223,7 +224,8 @@ class Manifest:
                 raise CorruptCheckpoint(f"{where}: alias {alias!r} points to a missing tensor")
 
     def _validate_encoding(self, f: DataFile, where: str) -> None:
-        if self.format_version < 2 or f.encoding not in ENCODINGS:
+        if (not isinstance(f.encoding, str) or f.encoding not in ENCODINGS
+                or self.format_version < ENCODINGS[f.encoding]):
             raise CorruptCheckpoint(f"{where}: {f.path} has an unknown encoding "
                                     f"{f.encoding!r} (format version {self.format_version})")
         frames = f.frames

@@ -1,0 +1,1 @@
+"""The GPU side of the store: copies, checksums and decoding on the GPU."""
