@@ -144,6 +144,31 @@ def test_unknown_encoding_is_refused_at_convert(src: Path) -> None:
         convert(src, "small", compress="lz9")
 
 
+def test_dram_tier_holds_the_stored_bytes_in_pieces_of_whole_frames(src: Path) -> None:
+    """What the DRAM tier would hold for an exp3 model (load_pinned_coded, unpinned here):
+    the stored bytes, in pieces of whole frames, each decoding back to the plain chunks."""
+    from sllmctl.store.gpu.decode import load_pinned_coded
+
+    convert(src, "plain")
+    convert(src, "small", compress="exp3")
+    model = Store().get("small")
+    pinned = load_pinned_coded(model, size=20 << 20, pin=False)
+    f = model.manifest.files[0]
+    assert pinned.nbytes == f.on_disk < f.size
+    assert len(pinned.pieces) > 1 and all(c.host.numel() <= 20 << 20 for _, c in pinned.pieces)
+    want = (Store().path("plain") / f.path).read_bytes()
+    covered = 0
+    for p, c in pinned.pieces:
+        host = c.host.numpy()
+        for at, off, n, z in c.frames:
+            out = np.empty(n, np.uint8)
+            codec_exp3.decode_frame(host[at:], n, z, out)
+            assert out.tobytes() == want[off:off + n]
+            covered += n
+        assert p.offset == c.frames[0][1] and p.length == sum(fr[2] for fr in c.frames)
+    assert covered == f.size
+
+
 _INTERPRET = """
 import sys, numpy as np, torch
 from tests.test_gpucodec import _chunks, _frame
@@ -220,12 +245,31 @@ def test_frame_decoder_pipeline_from_pinned_memory() -> None:
 
 
 @pytest.mark.gpu
-def test_exp3_model_loads_to_the_gpu(src: Path) -> None:
+def test_exp3_model_loads_to_the_gpu_from_disk_and_from_dram(src: Path) -> None:
+    from sllmctl.store.gpu.decode import coded_to_gpu, load_pinned_coded
     from sllmctl.store.gpu_loader import load_to_gpu
 
     convert(src, "plain")
     convert(src, "small", compress="exp3")
     a = sllmctl.load_state_dict("plain")
-    b = load_to_gpu(Store().get("small"), "cuda")
-    for k in a:
-        assert torch.equal(_bytes(a[k]), _bytes(b[k]).cpu()), k
+    model = Store().get("small")
+    for b in (load_to_gpu(model, "cuda"), coded_to_gpu(load_pinned_coded(model), "cuda")):
+        for k in a:
+            assert torch.equal(_bytes(a[k]), _bytes(b[k]).cpu()), k
+
+
+@pytest.mark.gpu
+def test_damaged_exp3_model_fails_its_checksum_on_the_gpu(src: Path) -> None:
+    from sllmctl.store.gpu.decode import coded_to_gpu, load_pinned_coded
+    from sllmctl.store.gpu_loader import load_to_gpu
+
+    m = convert(src, "small", compress="exp3")
+    data = Store().path("small") / m.files[0].path
+    raw = bytearray(data.read_bytes())
+    raw[12345] ^= 0x10  # a raw byte of chunk 0: decodes, to the wrong word
+    data.write_bytes(bytes(raw))
+    model = Store().get("small")
+    with pytest.raises(CorruptCheckpoint, match=r"data-00000\.bin chunk 0 "):
+        load_to_gpu(model, "cuda")
+    with pytest.raises(CorruptCheckpoint, match=r"data-00000\.bin chunk 0 "):
+        coded_to_gpu(load_pinned_coded(model), "cuda")

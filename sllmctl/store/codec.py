@@ -196,15 +196,10 @@ def split_piece(model: Any, offset: int, length: int, buf: torch.Tensor, start: 
 
     out: list[tuple[int, int, Any, Any]] = []
     spare = length  # stored bytes never exceed the logical ones; the high planes go after
-    exp3 = layout.file.encoding == "exp3"
     for i, n, at, z in layout.frames(offset, length):
         rel = at - start
         if z == 0:
             out.append((i * layout.chunk, n, buf[rel:rel + n], None))
-            continue
-        if exp3:  # decoded here for now, into memory of its own (gpu/decode.py: on the GPU)
-            out.append((i * layout.chunk, n, _decode_exp3(model, layout, i, buf[rel:], n, z),
-                        None))
             continue
         h = n // 2
         hi = buf[spare:spare + h]
@@ -218,22 +213,3 @@ def split_piece(model: Any, offset: int, length: int, buf: torch.Tensor, start: 
         spare += h
     return out
 
-
-def _decode_exp3(model: Any, layout: Layout, i: int, stored: torch.Tensor, n: int,
-                 z: int) -> torch.Tensor:
-    """An exp3 frame decoded on the CPU into a new tensor; CorruptCheckpoint names a frame
-    that does not decode."""
-    import torch
-
-    from sllmctl.errors import CorruptCheckpoint
-    from sllmctl.store import codec_exp3
-    from sllmctl.store.reader import reconvert_hint
-
-    out = np.empty(n, dtype=np.uint8)
-    try:
-        codec_exp3.decode_frame(stored.numpy(), n, z, out)
-    except FrameError as e:
-        raise CorruptCheckpoint(
-            f"model {model.name}: data file {layout.file.path} chunk {i} does not "
-            f"decode ({e})", hint=reconvert_hint(model)) from None
-    return torch.from_numpy(out)

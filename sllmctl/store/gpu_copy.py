@@ -64,7 +64,8 @@ def unsplit(buffer: torch.Tensor, split: Split) -> None:
 # What a load copies, in any order: (piece, host buffer holding it or its frames, release).
 # `release` is called once the copy no longer needs the buffer; None where nothing needs
 # handing back.
-Source = Iterator[tuple[Piece, "torch.Tensor | Split", Callable[[], None] | None]]
+# (Or a gpu/decode.py Coded: exp3 frames, copied as stored and decoded on the GPU.)
+Source = Iterator[tuple[Piece, Any, Callable[[], None] | None]]
 
 
 # ---------------------------------------------------------------- the copy pipeline
@@ -115,6 +116,7 @@ class GpuLoad:
         self._done = False
         self.seconds = 0.0
         self._callbacks: list[Callable[[BaseException | None], None]] = []
+        self._decoder: Any = None  # gpu/decode.py's FrameDecoder, made for the first exp3 piece
 
     def _mark(self, stage: str) -> None:
         import time
@@ -196,12 +198,15 @@ class GpuLoad:
                         with torch.cuda.stream(self.copy_stream):
                             if "first_copy" not in self.timings:
                                 first.record(self.copy_stream)
-                            if isinstance(buf, Split):
-                                unsplit(self._allocate(p.file), buf)
-                            else:
-                                dst.copy_(buf[: p.length], non_blocking=True)
-                            copied = torch.cuda.Event()
-                            copied.record(self.copy_stream)
+                            if isinstance(buf, Split | torch.Tensor):
+                                if isinstance(buf, Split):
+                                    unsplit(self._allocate(p.file), buf)
+                                else:
+                                    dst.copy_(buf[: p.length], non_blocking=True)
+                                copied = landed = torch.cuda.Event()
+                                copied.record(self.copy_stream)
+                            else:  # exp3 frames (gpu/decode.py's Coded), decoded on the GPU
+                                copied, landed = self._decode(buf, p.file)
                         if release is not None:  # None: the buffer needs no handing back
                             if thread is None:
                                 thread = threading.Thread(target=recycler, daemon=True,
@@ -211,10 +216,10 @@ class GpuLoad:
                         if "first_copy" not in self.timings:
                             self._mark("first_copy")
                         with self._cond:
-                            self._copied[p.file].append((p.offset, p.offset + p.length, copied))
+                            self._copied[p.file].append((p.offset, p.offset + p.length, landed))
                             self._cond.notify_all()
                         if self.checker is not None:
-                            self.sum_stream.wait_event(copied)
+                            self.sum_stream.wait_event(landed)
                             with torch.cuda.stream(self.sum_stream):
                                 self.checker.add(p.file, p.offset, dst)
                     last.record(self.copy_stream)
@@ -249,6 +254,15 @@ class GpuLoad:
             self.timings["gpu_tail"] = round(last.elapsed_time(verified) / 1e3, 4)
         self._finish(None)
         return self._views()
+
+    def _decode(self, coded: Any, file: int) -> tuple[Any, Any]:
+        """Queue an exp3 piece's copy and its decoding on the GPU: (copied, decoded) events."""
+        if self._decoder is None:
+            from sllmctl.store.gpu.decode import FrameDecoder
+
+            self._decoder = FrameDecoder(self.device, max(64 << 20, len(coded.host)))
+        return self._decoder.queue(coded.host, coded.frames, self._allocate(file),
+                                   self.copy_stream)
 
     def _finish(self, error: BaseException | None) -> None:
         with self._cond:

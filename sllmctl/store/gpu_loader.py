@@ -35,6 +35,7 @@ import numpy as np
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store.codec import Layout, split_piece
 from sllmctl.store.format import ALIGNMENT
+from sllmctl.store.gpu.decode import coded_piece
 from sllmctl.store.gpu_copy import GpuLoad, Piece, Source, Split
 from sllmctl.store.reader import check_chunks, open_data, read_verify, reconvert_hint
 from sllmctl.store.store import StoredModel
@@ -243,6 +244,8 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
             layout = files.layouts[p.file]
             if layout is None:
                 done.put((p, buf, buf))
+            elif layout.file.encoding == "exp3":  # copied as stored, decoded on the GPU
+                done.put((p, coded_piece(layout, p.offset, p.length, buf, start), buf))
             else:
                 frames = split_piece(model, p.offset, p.length, buf, start, layout)
                 done.put((p, Split(frames), buf))

@@ -15,12 +15,18 @@ the copy engine never waits for a decode; a ring of staging buffers bounds the m
 from __future__ import annotations
 
 import functools
+import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sllmctl.store.codec_exp3 import BLOCK, ESCAPE, TABLE, blocks, header_size
 
 if TYPE_CHECKING:
     import torch
+
+    from sllmctl.store.codec import Layout
+    from sllmctl.store.gpu_copy import Piece
+    from sllmctl.store.store import StoredModel
 
 STAGES = 3  # staging buffers: one being copied into, one being decoded, one spare
 
@@ -84,6 +90,41 @@ def decode_frame(stored: torch.Tensor, n: int, z: int, out: torch.Tensor) -> Non
                             ESCAPE=ESCAPE, TABLE=TABLE, num_warps=8)
 
 
+def warm_up(device: Any) -> None:
+    """Compile and run the kernel once on `device` (Triton compiles on first use, about a
+    second, which a load should not pay)."""
+    import numpy as np
+    import torch
+
+    from sllmctl.store import codec_exp3
+
+    data = np.zeros(1 << 14, dtype=np.uint8)
+    z, parts = codec_exp3.encode_chunk(data)
+    stored = np.concatenate([np.frombuffer(memoryview(p).cast("B"), np.uint8) for p in parts])
+    out = torch.empty(len(data), dtype=torch.uint8, device=device)
+    decode_frame(torch.from_numpy(stored).to(device), len(data), z, out)
+    torch.cuda.synchronize(device)
+
+
+@dataclass
+class Coded:
+    """A piece of an exp3 data file in pinned host memory, as stored: `host` its bytes,
+    `frames` (offset in `host`, offset in the file, decoded length n, z) per frame. GpuLoad
+    copies it as is and decodes it on the GPU."""
+
+    host: torch.Tensor
+    frames: list[tuple[int, int, int, int]]
+
+
+def coded_piece(layout: Layout, offset: int, length: int, buf: torch.Tensor,
+                start: int) -> Coded:
+    """The frames of chunks [offset, offset + length) of an exp3 file, read as stored into
+    `buf` from byte `start` of the file."""
+    end = layout.stored_range(offset, length)[1]
+    frames = [(at - start, i * layout.chunk, n, z) for i, n, at, z in layout.frames(offset, length)]
+    return Coded(buf[:end - start], frames)
+
+
 class FrameDecoder:
     """Copies pieces of stored exp3 frames from pinned host memory to one GPU and decodes them
     there, on a decode stream of its own, through a ring of staging buffers."""
@@ -111,6 +152,9 @@ class FrameDecoder:
         k = self._next
         self._next = (k + 1) % len(self.stages)
         stage = self.stages[k][:len(host)]
+        if len(host) > self.stages[k].numel():
+            raise ValueError(f"a piece of {len(host)} stored bytes does not fit a staging "
+                             f"buffer of {self.stages[k].numel()}")
         if self._free[k] is not None:  # the stage's last decode must have read it
             copy_stream.wait_event(self._free[k])
         with torch.cuda.stream(copy_stream):
@@ -125,3 +169,84 @@ class FrameDecoder:
             decoded.record(self.stream)
         self._free[k] = decoded
         return copied, decoded
+
+
+# ---------------------------------------------------------------- the DRAM tier, compressed
+
+@dataclass
+class PinnedCoded:
+    """A model's data files held in pinned host memory as stored (exp3 frames; a plain file
+    as plain frames), in pieces of whole frames: the DRAM tier keeping a model compressed."""
+
+    model: StoredModel
+    pieces: list[tuple[Piece, Coded]]
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held (the stored size, not the decoded one)."""
+        return sum(c.host.numel() for _, c in self.pieces)
+
+
+def coded_pieces(model: StoredModel, size: int = 64 << 20) -> list[tuple[Piece, int, int]]:
+    """(piece, first stored byte, end) per piece of at most `size` stored bytes, whole chunks
+    (one chunk at least)."""
+    from sllmctl.store.codec import Layout
+    from sllmctl.store.gpu_copy import Piece
+
+    chunk = model.manifest.chunk_size
+    out = []
+    for i, f in enumerate(model.manifest.files):
+        starts = (Layout(f, chunk).starts.tolist() if f.encoding is not None
+                  else [min(k * chunk, f.size) for k in range(-(-f.size // chunk) + 1)])
+        first = 0
+        for k in range(1, len(starts)):
+            last = k == len(starts) - 1
+            if last or starts[k + 1] - starts[first] > size:
+                out.append((Piece(i, first * chunk, min(k * chunk, f.size) - first * chunk),
+                            int(starts[first]), int(starts[k])))
+                first = k
+    return out
+
+
+def load_pinned_coded(model: StoredModel, size: int = 64 << 20,
+                      pin: bool = True) -> PinnedCoded:
+    """Read a model's data files as stored into freshly pinned host memory (`pin` False:
+    pageable, for hosts without CUDA); checksums are checked on the GPU after decoding."""
+    import torch
+
+    from sllmctl import native
+    from sllmctl.errors import CorruptCheckpoint
+    from sllmctl.store.codec import Layout
+    from sllmctl.store.reader import open_data, reconvert_hint
+
+    chunk = model.manifest.chunk_size
+    out = []
+    fds = [open_data(model, f) for f in model.manifest.files]
+    try:
+        for p, start, end in coded_pieces(model, size):
+            f = model.manifest.files[p.file]
+            buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
+            if native.pread_into(fds[p.file], buf.data_ptr(), end - start, start, 8,
+                                 8 << 20) != end - start:
+                raise CorruptCheckpoint(f"model {model.name}: data file {f.path} ended early",
+                                        hint=reconvert_hint(model))
+            if f.encoding is None:
+                frames = [(off - p.offset, off, min(chunk, f.size - off), 0)
+                          for off in range(p.offset, p.offset + p.length, chunk)]
+                out.append((p, Coded(buf, frames)))
+            else:
+                out.append((p, coded_piece(Layout(f, chunk), p.offset, p.length, buf, start)))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return PinnedCoded(model, out)
+
+
+def coded_to_gpu(pinned: PinnedCoded, device: Any, *, verify: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """A model held compressed in pinned memory to one GPU: its stored bytes copied, decoded
+    there and checksummed after decoding (GpuLoad)."""
+    from sllmctl.store.gpu_copy import GpuLoad
+
+    return GpuLoad(pinned.model, device, verify).run(
+        (p, c, None) for p, c in pinned.pieces)
