@@ -230,6 +230,8 @@ class GpuLoad:
                     # comparison queued behind the last checksums
                     self._views()
                     self.sum_stream.wait_stream(self.copy_stream)
+                    if self._decoder is not None:  # the last decodes, checked or not
+                        self.sum_stream.wait_stream(self._decoder.stream)
                     with torch.cuda.stream(self.sum_stream):
                         checked = (self.checker.compare(expected_sums(self.model, self.device))
                                    if self.checker is not None else None)
@@ -245,6 +247,8 @@ class GpuLoad:
                         self.checker.report(*checked, self.model)
         except BaseException as e:
             self.copy_stream.synchronize()  # nothing may still write the memory we give up
+            if self._decoder is not None:
+                self._decoder.stream.synchronize()
             self._finish(e)
             raise
         self.seconds = time.perf_counter() - t0
