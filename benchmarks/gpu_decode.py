@@ -38,7 +38,14 @@ from limits import pinned_copy_limit, timed
 
 from sllmctl.store import codec_exp3
 from sllmctl.store.format import CHUNK_SIZE, DataFile, Manifest, TensorEntry, checksum_numpy
-from sllmctl.store.gpu.decode import Coded, PinnedCoded, coded_to_gpu, decode_frame, warm_up
+from sllmctl.store.gpu.decode import (
+    NUM_WARPS,
+    Coded,
+    PinnedCoded,
+    coded_to_gpu,
+    decode_frame,
+    warm_up,
+)
 from sllmctl.store.gpu_copy import Piece
 from sllmctl.store.gpu_loader import PinnedModel, pinned_to_gpu
 from sllmctl.store.store import StoredModel
@@ -113,7 +120,7 @@ def pin_coded(model: StoredModel, enc: list[tuple[int, list[Any], str]]) -> Pinn
     return PinnedCoded(model, out)
 
 
-def decode_rate(pinned: PinnedCoded, repeats: int) -> float:
+def decode_rate(pinned: PinnedCoded, repeats: int, num_warps: int = NUM_WARPS) -> float:
     """Decoded GB/s of the kernel alone: every frame already in GPU memory."""
     dev = [(c.host.cuda(), c.frames) for _, c in pinned.pieces]
     out = torch.empty(pinned.model.manifest.files[0].size, dtype=torch.uint8, device="cuda")
@@ -123,7 +130,7 @@ def decode_rate(pinned: PinnedCoded, repeats: int) -> float:
         a.record()
         for stored, frames in dev:
             for at, off, n, z in frames:
-                decode_frame(stored[at:], n, z, out[off:off + n])
+                decode_frame(stored[at:], n, z, out[off:off + n], num_warps)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
@@ -216,6 +223,7 @@ def main() -> int:
     r["plain_limit_s"] = nbytes / r["pinned_h2d_GBps"] / GB
     r["plain_copy_s"] = chunked_copy_s(plain, args.repeats)
     r["decode_GBps"] = decode_rate(coded, args.repeats)
+    r["decode_GBps_by_warps"] = {w: decode_rate(coded, 2, w) for w in (4, 8, 16)}
     pinned = PinnedModel(pm, [(Piece(0, off, min(PIECE, nbytes - off)), plain[off:off + PIECE])
                               for off in range(0, nbytes, PIECE)])
     runs: dict[str, list[float]] = {"plain_verified_s": [], "exp3_verified_s": []}

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sllmctl.store.store import StoredModel
 
 STAGES = 3  # staging buffers: one being copied into, one being decoded, one spare
+NUM_WARPS = 8  # per program of BLOCK words
 
 
 @functools.cache
@@ -74,7 +75,8 @@ def _kernel() -> Any:
     return exp3_decode
 
 
-def decode_frame(stored: torch.Tensor, n: int, z: int, out: torch.Tensor) -> None:
+def decode_frame(stored: torch.Tensor, n: int, z: int, out: torch.Tensor,
+                 num_warps: int = NUM_WARPS) -> None:
     """Queue on the current stream the decoding of one frame: `stored` its bytes on the GPU
     (uint8, at least n/2 + z of them, or n for a plain frame), `out` its n decoded bytes."""
     import torch
@@ -87,7 +89,7 @@ def decode_frame(stored: torch.Tensor, n: int, z: int, out: torch.Tensor) -> Non
     if m % 2048 or len(stored) < m + z:
         raise ValueError(f"not an exp3 frame of {n} bytes: {len(stored)} stored, z = {z}")
     _kernel()[(blocks(m),)](stored, out.view(torch.int16), m, m // 8, count, BLOCK=BLOCK,
-                            ESCAPE=ESCAPE, TABLE=TABLE, num_warps=8)
+                            ESCAPE=ESCAPE, TABLE=TABLE, num_warps=num_warps)
 
 
 def warm_up(device: Any) -> None:
@@ -249,4 +251,12 @@ def coded_to_gpu(pinned: PinnedCoded, device: Any, *, verify: bool = True
     from sllmctl.store.gpu_copy import GpuLoad
 
     return GpuLoad(pinned.model, device, verify).run(
+        (p, c, None) for p, c in pinned.pieces)
+
+
+def start_coded_to_gpu(pinned: PinnedCoded, device: Any, *, verify: bool = True) -> Any:
+    """`coded_to_gpu` in the background, views available at once (GpuLoad.start)."""
+    from sllmctl.store.gpu_copy import GpuLoad
+
+    return GpuLoad(pinned.model, device, verify, allocate_now=True).start(
         (p, c, None) for p, c in pinned.pieces)
