@@ -1,6 +1,7 @@
 """exp3 frames (format version 4) decoded on the GPU, against the pinned copy limit, in one run.
 
     python benchmarks/gpu_decode.py [--gib 8] [--repeats 5] [--out benchmarks/results]
+                                    [--disk-layers N --dir bench-data]
 
 Makes `--gib` GiB of bf16 `randn * 0.02` weights in host memory, encodes them chunk by chunk
 with codec_exp3 on every core (with their sum64x2 checksums, as a manifest holds them), and
@@ -13,7 +14,9 @@ measures, in the same process and without the disk:
   bytes copied, decoded on the GPU, checksummed after decoding, compared with the sums);
 - `decode_GBps`: decoded bytes per second of the kernel alone, frames already on the GPU;
 - `exact`: the decoded bytes equal the plain ones; nvCOMP's zstd decode of the split-zstd
-  high planes where `nvidia.nvcomp` imports (for the choice of code); the CPU twin's rate.
+  high planes where `nvidia.nvcomp` imports (for the choice of code); the CPU twin's rate;
+- with `--disk-layers N`: warm (page cache) and cold (dropped) loads from disk to the GPU of
+  benchmarks/load.py's 8B-shaped checkpoint of N layers, plain and exp3, interleaved.
 
 Loads reuse the allocator's cached memory (fresh=False), as the DRAM tier's do.
 """
@@ -193,11 +196,52 @@ def cpu_twin_GBps(plain: torch.Tensor, enc: list[tuple[int, list[Any], str]]) ->
     return 4 * CHUNK_SIZE / (time.perf_counter() - t0) / GB
 
 
+def disk_loads(folder: Path, layers: int, repeats: int) -> dict[str, Any]:
+    """Loads from disk to the GPU (gpu_loader.load_to_gpu) of the 8B-shaped checkpoint of
+    `layers` layers, plain and exp3, warm (page cache) and cold (dropped), interleaved."""
+    from checkpoint import drop_caches, prepare, warm_files
+
+    from sllmctl import native
+    from sllmctl.store.gpu_loader import PinnedPool, load_to_gpu
+    from sllmctl.store.store import Store
+    from sllmctl.store.writer import convert
+
+    _, model, _, convert_s = prepare(folder, layers)
+    t0 = time.perf_counter()
+    name = f"{model.name}-exp3"
+    if not Store().exists(name):
+        convert(folder / "src", name, compress="exp3")
+    xmodel = Store().get(name)
+    out: dict[str, Any] = {
+        "layers": layers, "bytes": model.manifest.total_bytes, "native_io": native.NATIVE,
+        "stored_exp3": sum(f.on_disk for f in xmodel.manifest.files),
+        "convert_s": convert_s, "convert_exp3_s": time.perf_counter() - t0}
+
+    def files(m: StoredModel) -> list[Path]:
+        return [m.path / f.path for f in m.manifest.files]
+
+    pool = PinnedPool(eager=True)
+    warm_files(files(model) + files(xmodel))
+    for mode in ("warm", "cold"):
+        for _ in range(repeats):
+            for m, key in ((model, "plain"), (xmodel, "exp3")):
+                if mode == "cold":
+                    drop_caches()
+                else:
+                    warm_files(files(m))
+                seconds = timed(lambda m=m: load_to_gpu(m, "cuda", pool=pool), False)[0]
+                out.setdefault(f"{mode}_{key}_s", []).append(seconds)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--gib", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--disk-layers", type=int, default=0,
+                    help="also load an 8B-shaped checkpoint of this many layers from disk")
+    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
     args = ap.parse_args()
     if not have_cuda():
         return 1
@@ -248,6 +292,12 @@ def main() -> int:
     for k, v in r.items():
         print(f"{k}: {v}")
     save_results(args.out, f"gpu-decode-{args.gib}g", r)
+    if args.disk_layers:
+        del plain, coded, pinned
+        d = disk_loads(args.dir, args.disk_layers, args.repeats)
+        for k, v in d.items():
+            print(f"disk {k}: {v}")
+        save_results(args.out, f"gpu-decode-disk-{args.disk_layers}l", d)
     return 0
 
 
