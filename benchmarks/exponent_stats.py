@@ -1,5 +1,5 @@
 """How compressible bf16 weights are, on the CPU: the exponent's entropy, an ideal Huffman
-code's bits a weight, and the sizes exp3 (format version 4) and split-zstd (version 2) store.
+code's bits a weight, and the sizes exp23 (format version 4) and split-zstd (version 2) store.
 
     python benchmarks/exponent_stats.py [--words 16777216] [--model NAME] [--out DIR]
 
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import save_results
 
-from sllmctl.store import codec, codec_exp3
+from sllmctl.store import codec, codec_exp23
 from sllmctl.store.format import CHUNK_SIZE
 
 
@@ -52,15 +52,15 @@ def stats(data: np.ndarray) -> dict[str, Any]:
     """Figures for bf16 bytes `data` (whole 16 MiB chunks are coded as a writer would)."""
     w = data.view("<u2")
     e = np.bincount((w >> 7) & 0xFF, minlength=256)
-    top7 = np.sort(e)[::-1][:7].sum() / e.sum()
-    stored_exp3 = stored_zstd = 0
+    ranked = np.sort(e)[::-1] / e.sum()
+    stored_exp23 = stored_zstd = 0
     for off in range(0, len(data), CHUNK_SIZE):
         chunk = data[off:off + CHUNK_SIZE]
-        for enc, name in ((codec_exp3.encode_chunk, "exp3"), (codec.encode_chunk, "zstd")):
+        for enc, name in ((codec_exp23.encode_chunk, "exp23"), (codec.encode_chunk, "zstd")):
             _, parts = enc(chunk)
             n = sum(memoryview(p).nbytes for p in parts)
-            if name == "exp3":
-                stored_exp3 += n
+            if name == "exp23":
+                stored_exp23 += n
             else:
                 stored_zstd += n
     return {
@@ -68,10 +68,11 @@ def stats(data: np.ndarray) -> dict[str, Any]:
         "exponent_entropy_bits": entropy(e),
         "high_byte_entropy_bits": entropy(np.bincount(w >> 8, minlength=256)),
         "distinct_exponents": int((e > 0).sum()),
-        "top7_exponent_share": float(top7),
+        "top3_exponent_share": float(ranked[:3].sum()),  # exp23's 2-bit codes
+        "top10_exponent_share": float(ranked[:10].sum()),  # and its 3-bit ones
         "huffman_bits_per_weight": 8 + huffman_bits(e),
         "huffman_ratio": (8 + huffman_bits(e)) / 16,
-        "exp3_ratio": stored_exp3 / len(data),
+        "exp23_ratio": stored_exp23 / len(data),
         "split_zstd_ratio": stored_zstd / len(data),
     }
 

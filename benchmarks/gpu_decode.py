@@ -1,22 +1,22 @@
-"""exp3 frames (format version 4) decoded on the GPU, against the pinned copy limit, in one run.
+"""exp23 frames (format version 4) decoded on the GPU, against the pinned copy limit, in one run.
 
     python benchmarks/gpu_decode.py [--gib 8] [--repeats 5] [--out benchmarks/results]
                                     [--disk-layers N --dir bench-data]
 
 Makes `--gib` GiB of bf16 `randn * 0.02` weights in host memory, encodes them chunk by chunk
-with codec_exp3 on every core (with their sum64x2 checksums, as a manifest holds them), and
+with codec_exp23 on every core (with their sum64x2 checksums, as a manifest holds them), and
 measures, in the same process and without the disk:
 
 - `pinned_h2d_GBps`: the pinned copy limit (one 4 GiB pinned buffer copied, best of 5);
 - `plain_copy_s`: the plain bytes, pinned, copied in 64 MiB pieces and nothing else;
 - `plain_verified_s`: today's DRAM tier (gpu_loader.pinned_to_gpu: copies and checksums);
-- `exp3_verified_s`: the model held compressed (gpu/decode.py's coded_to_gpu: stored
+- `exp23_verified_s`: the model held compressed (gpu/decode.py's coded_to_gpu: stored
   bytes copied, decoded on the GPU, checksummed after decoding, compared with the sums);
 - `decode_GBps`: decoded bytes per second of the kernel alone, frames already on the GPU;
 - `exact`: the decoded bytes equal the plain ones; nvCOMP's zstd decode of the split-zstd
   high planes where `nvidia.nvcomp` imports (for the choice of code); the CPU twin's rate;
 - with `--disk-layers N`: warm (page cache) and cold (dropped) loads from disk to the GPU of
-  benchmarks/load.py's 8B-shaped checkpoint of N layers, plain and exp3, interleaved.
+  benchmarks/load.py's 8B-shaped checkpoint of N layers, plain and exp23, interleaved.
 
 Loads reuse the allocator's cached memory (fresh=False), as the DRAM tier's do.
 """
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import GB, have_cuda, save_results
 from limits import pinned_copy_limit, timed
 
-from sllmctl.store import codec_exp3
+from sllmctl.store import codec_exp23
 from sllmctl.store.format import CHUNK_SIZE, DataFile, Manifest, TensorEntry, checksum_numpy
 from sllmctl.store.gpu.decode import (
     NUM_WARPS,
@@ -74,7 +74,7 @@ def encode(plain: torch.Tensor) -> tuple[list[tuple[int, list[Any], str]], float
 
     def one(off: int) -> tuple[int, list[Any], str]:
         chunk = arr[off:off + CHUNK_SIZE]
-        z, parts = codec_exp3.encode_chunk(chunk)
+        z, parts = codec_exp23.encode_chunk(chunk)
         return z, parts, checksum_numpy(chunk)
 
     t0 = time.perf_counter()
@@ -89,10 +89,10 @@ def models(nbytes: int, enc: list[tuple[int, list[Any], str]]) -> tuple[StoredMo
     lengths = [sum(memoryview(p).nbytes for p in parts) for _, parts, _ in enc]
     tensors = {"w": TensorEntry("BF16", [nbytes // 2], 0, 0, nbytes)}
     plain = Manifest("bench", [DataFile("data-00000.bin", nbytes, sums)], tensors)
-    coded = Manifest("bench-exp3", [DataFile("data-00000.bin", nbytes, sums, "exp3", frames,
+    coded = Manifest("bench-exp23", [DataFile("data-00000.bin", nbytes, sums, "exp23", frames,
                                              sum(lengths))], tensors, format_version=4)
     coded.validate("bench")
-    return StoredModel("bench", Path("."), plain), StoredModel("bench-exp3", Path("."), coded)
+    return StoredModel("bench", Path("."), plain), StoredModel("bench-exp23", Path("."), coded)
 
 
 def pin_coded(model: StoredModel, enc: list[tuple[int, list[Any], str]]) -> PinnedCoded:
@@ -192,13 +192,13 @@ def cpu_twin_GBps(plain: torch.Tensor, enc: list[tuple[int, list[Any], str]]) ->
     out = np.empty(CHUNK_SIZE, np.uint8)
     t0 = time.perf_counter()
     for (z, _, _), s in zip(enc[:4], stored, strict=True):
-        codec_exp3.decode_frame(s, CHUNK_SIZE, z, out)
+        codec_exp23.decode_frame(s, CHUNK_SIZE, z, out)
     return 4 * CHUNK_SIZE / (time.perf_counter() - t0) / GB
 
 
 def disk_loads(folder: Path, layers: int, repeats: int) -> dict[str, Any]:
     """Loads from disk to the GPU (gpu_loader.load_to_gpu) of the 8B-shaped checkpoint of
-    `layers` layers, plain and exp3, warm (page cache) and cold (dropped), interleaved."""
+    `layers` layers, plain and exp23, warm (page cache) and cold (dropped), interleaved."""
     from checkpoint import drop_caches, prepare, warm_files
 
     from sllmctl import native
@@ -208,14 +208,14 @@ def disk_loads(folder: Path, layers: int, repeats: int) -> dict[str, Any]:
 
     _, model, _, convert_s = prepare(folder, layers)
     t0 = time.perf_counter()
-    name = f"{model.name}-exp3"
+    name = f"{model.name}-exp23"
     if not Store().exists(name):
-        convert(folder / "src", name, compress="exp3")
+        convert(folder / "src", name, compress="exp23")
     xmodel = Store().get(name)
     out: dict[str, Any] = {
         "layers": layers, "bytes": model.manifest.total_bytes, "native_io": native.NATIVE,
-        "stored_exp3": sum(f.on_disk for f in xmodel.manifest.files),
-        "convert_s": convert_s, "convert_exp3_s": time.perf_counter() - t0}
+        "stored_exp23": sum(f.on_disk for f in xmodel.manifest.files),
+        "convert_s": convert_s, "convert_exp23_s": time.perf_counter() - t0}
 
     def files(m: StoredModel) -> list[Path]:
         return [m.path / f.path for f in m.manifest.files]
@@ -224,7 +224,7 @@ def disk_loads(folder: Path, layers: int, repeats: int) -> dict[str, Any]:
     warm_files(files(model) + files(xmodel))
     for mode in ("warm", "cold"):
         for _ in range(repeats):
-            for m, key in ((model, "plain"), (xmodel, "exp3")):
+            for m, key in ((model, "plain"), (xmodel, "exp23")):
                 if mode == "cold":
                     drop_caches()
                 else:
@@ -260,8 +260,10 @@ def main() -> int:
     coded = pin_coded(cm, enc)
     r["stored_bytes"] = coded.nbytes
     r["ratio"] = coded.nbytes / nbytes
-    r["escapes_per_word"] = sum(z - codec_exp3.header_size(CHUNK_SIZE // 2)
-                                for z, _, _ in enc if z) / (nbytes // 2)
+    lists = np.array([np.frombuffer(memoryview(parts[3]).cast("B"), "<u4", 2, 16)
+                      for z, parts, _ in enc if z])
+    r["second_list_per_word"], r["escapes_per_word"] = (lists.sum(axis=0) / (nbytes // 2)
+                                                        ).tolist()
     del enc[4:]
     r["pinned_h2d_GBps"] = pinned_copy_limit()
     r["plain_limit_s"] = nbytes / r["pinned_h2d_GBps"] / GB
@@ -270,10 +272,10 @@ def main() -> int:
     r["decode_GBps_by_warps"] = {w: decode_rate(coded, 2, w) for w in (4, 8, 16)}
     pinned = PinnedModel(pm, [(Piece(0, off, min(PIECE, nbytes - off)), plain[off:off + PIECE])
                               for off in range(0, nbytes, PIECE)])
-    runs: dict[str, list[float]] = {"plain_verified_s": [], "exp3_verified_s": []}
+    runs: dict[str, list[float]] = {"plain_verified_s": [], "exp23_verified_s": []}
     for _ in range(args.repeats):  # interleaved, so that drift hits both alike
         runs["plain_verified_s"].append(timed(lambda: pinned_to_gpu(pinned, "cuda"), False)[0])
-        runs["exp3_verified_s"].append(timed(lambda: coded_to_gpu(coded, "cuda"), False)[0])
+        runs["exp23_verified_s"].append(timed(lambda: coded_to_gpu(coded, "cuda"), False)[0])
     for k, v in runs.items():
         r[k], r[k + "_all"] = statistics.median(v), v
     state = coded_to_gpu(coded, "cuda")
@@ -285,8 +287,8 @@ def main() -> int:
     limit = r["plain_limit_s"]
     r["summary"] = {
         "decode_vs_pinned_copy": r["decode_GBps"] / r["pinned_h2d_GBps"],
-        "exp3_verified_vs_pinned_limit": r["exp3_verified_s"] / limit,
-        "exp3_verified_vs_plain_copy": r["exp3_verified_s"] / r["plain_copy_s"],
+        "exp23_verified_vs_pinned_limit": r["exp23_verified_s"] / limit,
+        "exp23_verified_vs_plain_copy": r["exp23_verified_s"] / r["plain_copy_s"],
         "plain_verified_vs_pinned_limit": r["plain_verified_s"] / limit,
     }
     for k, v in r.items():

@@ -1,4 +1,4 @@
-"""The exp3 code (format version 4): the CPU encoder and decoder, the GPU decoder's kernel
+"""The exp23 code (format version 4): the CPU encoder and decoder, the GPU decoder's kernel
 (on the CPU through Triton's interpreter, and on a GPU), and the two compared byte for byte."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import sllmctl
 from sllmctl.errors import CorruptCheckpoint
-from sllmctl.store import codec, codec_exp3
+from sllmctl.store import codec, codec_exp23
 from sllmctl.store.format import CHUNK_SIZE, MANIFEST, checksum_numpy
 from sllmctl.store.reader import verify
 from sllmctl.store.store import Store
@@ -31,7 +31,7 @@ def _weights(n: int, scale: float = 0.02, seed: int = 0) -> np.ndarray:
 
 
 def _frame(data: np.ndarray) -> tuple[int, np.ndarray]:
-    z, parts = codec_exp3.encode_chunk(data)
+    z, parts = codec_exp23.encode_chunk(data)
     return z, np.concatenate([np.frombuffer(memoryview(p).cast("B"), np.uint8) for p in parts])
 
 
@@ -51,14 +51,16 @@ def test_frames_round_trip_and_take_70_percent() -> None:
     for data in _chunks():
         z, stored = _frame(data)
         out = np.empty_like(data)
-        codec_exp3.decode_frame(stored, len(data), z, out)
+        codec_exp23.decode_frame(stored, len(data), z, out)
         assert np.array_equal(out, data)
         assert len(stored) % 4096 == 0 and len(stored) <= len(data)
     chunk = _weights(CHUNK_SIZE)
     z, stored = _frame(chunk)
-    assert z > 0 and len(stored) < 0.70 * CHUNK_SIZE  # 11.2 bits a weight
-    escapes = z - codec_exp3.header_size(CHUNK_SIZE // 2)
-    assert 0 < escapes < 0.03 * CHUNK_SIZE / 2
+    assert z > 0 and len(stored) < 0.685 * CHUNK_SIZE  # 10.85 bits a weight
+    m = CHUNK_SIZE // 2
+    head = m + 2 * (m // 8)
+    second, escapes = stored[head + 16:head + 24].view("<u4")
+    assert 0.2 * m < second < 0.35 * m and 0 < escapes < 0.01 * m
 
 
 def test_random_bytes_are_stored_plain() -> None:
@@ -72,17 +74,18 @@ def test_damaged_frames_do_not_decode(part: str) -> None:
     data = _weights(1 << 20)
     z, stored = _frame(data)
     m = len(data) // 2
-    if part == "codes":  # a word of the commonest exponent (code 0) turned into an escape
-        _, e = codec_exp3.split_words(data)
-        i = int(np.flatnonzero(e == stored[m + 3 * (m // 8)])[0])
-        for b in range(3):
+    head = m + 2 * (m // 8)
+    if part == "codes":  # a word of the commonest exponent (code 0) sent to the second list
+        _, e = codec_exp23.split_words(data)
+        i = int(np.flatnonzero(e == stored[head])[0])
+        for b in range(2):
             stored[m + b * (m // 8) + i // 8] |= 1 << (i % 8)
-    elif part == "offsets":
-        stored[m + 3 * (m // 8) + codec_exp3.TABLE + 4] += 1
+    elif part == "offsets":  # block 1's count of second codes
+        stored[head + codec_exp23.HEAD + 8] += 1
     else:
         z -= 1
     with pytest.raises(codec.FrameError):
-        codec_exp3.decode_frame(stored, len(data), z, np.empty_like(data))
+        codec_exp23.decode_frame(stored, len(data), z, np.empty_like(data))
 
 
 @pytest.fixture
@@ -103,11 +106,11 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def test_exp3_model_is_version_4_and_loads_bit_exact(src: Path) -> None:
+def test_exp23_model_is_version_4_and_loads_bit_exact(src: Path) -> None:
     convert(src, "plain")
-    m = convert(src, "small", compress="exp3")
+    m = convert(src, "small", compress="exp23")
     f = m.files[0]
-    assert m.format_version == 4 and f.encoding == "exp3" and f.frames is not None
+    assert m.format_version == 4 and f.encoding == "exp23" and f.frames is not None
     assert f.frames[0] and 0 in f.frames
     assert f.stored_size == (Store().path("small") / f.path).stat().st_size
     assert f.checksums == Store().get("plain").manifest.files[0].checksums
@@ -117,16 +120,16 @@ def test_exp3_model_is_version_4_and_loads_bit_exact(src: Path) -> None:
         assert torch.equal(_bytes(a[k]), _bytes(b[k])), k
     assert verify("small").ok
     text = (Store().path("small") / MANIFEST).read_text()
-    assert '"format_version": 4' in text and '"encoding": "exp3"' in text
+    assert '"format_version": 4' in text and '"encoding": "exp23"' in text
 
 
-def test_exp3_needs_version_4_and_damage_is_named(src: Path) -> None:
-    m = convert(src, "small", compress="exp3")
+def test_exp23_needs_version_4_and_damage_is_named(src: Path) -> None:
+    m = convert(src, "small", compress="exp23")
     path = Store().path("small") / MANIFEST
     d = json.loads(path.read_text())
     d["format_version"] = 2
     path.write_text(json.dumps(d))
-    with pytest.raises(CorruptCheckpoint, match="unknown encoding 'exp3'"):
+    with pytest.raises(CorruptCheckpoint, match="unknown encoding 'exp23'"):
         Store().get("small")
     d["format_version"] = 4
     path.write_text(json.dumps(d))
@@ -145,12 +148,12 @@ def test_unknown_encoding_is_refused_at_convert(src: Path) -> None:
 
 
 def test_dram_tier_holds_the_stored_bytes_in_pieces_of_whole_frames(src: Path) -> None:
-    """What the DRAM tier would hold for an exp3 model (load_pinned_coded, unpinned here):
+    """What the DRAM tier would hold for an exp23 model (load_pinned_coded, unpinned here):
     the stored bytes, in pieces of whole frames, each decoding back to the plain chunks."""
     from sllmctl.store.gpu.decode import load_pinned_coded
 
     convert(src, "plain")
-    convert(src, "small", compress="exp3")
+    convert(src, "small", compress="exp23")
     model = Store().get("small")
     pinned = load_pinned_coded(model, size=20 << 20, pin=False)
     f = model.manifest.files[0]
@@ -162,7 +165,7 @@ def test_dram_tier_holds_the_stored_bytes_in_pieces_of_whole_frames(src: Path) -
         host = c.host.numpy()
         for at, off, n, z in c.frames:
             out = np.empty(n, np.uint8)
-            codec_exp3.decode_frame(host[at:], n, z, out)
+            codec_exp23.decode_frame(host[at:], n, z, out)
             assert out.tobytes() == want[off:off + n]
             covered += n
         assert p.offset == c.frames[0][1] and p.length == sum(fr[2] for fr in c.frames)
@@ -202,7 +205,7 @@ def test_gpu_decoder_twins_the_cpu_decoder() -> None:
     for data in [*_chunks(), _weights(CHUNK_SIZE, seed=3)]:
         z, stored = _frame(data)
         want = np.empty_like(data)
-        codec_exp3.decode_frame(stored, len(data), z, want)
+        codec_exp23.decode_frame(stored, len(data), z, want)
         out = torch.zeros(len(data), dtype=torch.uint8, device="cuda")
         decode_frame(torch.from_numpy(stored).cuda(), len(data), z, out)
         assert np.array_equal(out.cpu().numpy(), want)
@@ -217,7 +220,9 @@ def test_damaged_frame_decodes_inside_its_bounds_on_the_gpu() -> None:
     data = _weights(1 << 20)
     z, stored = _frame(data)
     m = len(data) // 2
-    stored[m + 3 * (m // 8) + codec_exp3.TABLE + 7] = 0x7F  # block 1's offset: huge
+    offsets = m + 2 * (m // 8) + codec_exp23.HEAD
+    stored[offsets + 8 + 3] = 0x7F  # block 1's offsets into the second list and the escapes:
+    stored[offsets + 12 + 3] = 0x7F  # huge
     out = torch.zeros(len(data), dtype=torch.uint8, device="cuda")
     decode_frame(torch.from_numpy(stored).cuda(), len(data), z, out)
     torch.cuda.synchronize()
@@ -245,12 +250,12 @@ def test_frame_decoder_pipeline_from_pinned_memory() -> None:
 
 
 @pytest.mark.gpu
-def test_exp3_model_loads_to_the_gpu_from_disk_and_from_dram(src: Path) -> None:
+def test_exp23_model_loads_to_the_gpu_from_disk_and_from_dram(src: Path) -> None:
     from sllmctl.store.gpu.decode import coded_to_gpu, load_pinned_coded
     from sllmctl.store.gpu_loader import load_to_gpu
 
     convert(src, "plain")
-    convert(src, "small", compress="exp3")
+    convert(src, "small", compress="exp23")
     a = sllmctl.load_state_dict("plain")
     model = Store().get("small")
     for b in (load_to_gpu(model, "cuda"), coded_to_gpu(load_pinned_coded(model), "cuda")):
@@ -259,11 +264,11 @@ def test_exp3_model_loads_to_the_gpu_from_disk_and_from_dram(src: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_damaged_exp3_model_fails_its_checksum_on_the_gpu(src: Path) -> None:
+def test_damaged_exp23_model_fails_its_checksum_on_the_gpu(src: Path) -> None:
     from sllmctl.store.gpu.decode import coded_to_gpu, load_pinned_coded
     from sllmctl.store.gpu_loader import load_to_gpu
 
-    m = convert(src, "small", compress="exp3")
+    m = convert(src, "small", compress="exp23")
     data = Store().path("small") / m.files[0].path
     raw = bytearray(data.read_bytes())
     raw[12345] ^= 0x10  # a raw byte of chunk 0: decodes, to the wrong word

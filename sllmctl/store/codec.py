@@ -68,12 +68,12 @@ class Layout:
 
 def encoder(compress: bool | str) -> tuple[str, Callable[[np.ndarray], tuple[int, list[Any]]]]:
     """(encoding, chunk encoder) for `convert(compress=...)`: True is ENCODING, or a name
-    ("split-zstd", "exp3": codec_exp3.py)."""
+    ("split-zstd", "exp23": codec_exp23.py)."""
     name = ENCODING if compress is True else compress
-    if name == "exp3":
-        from sllmctl.store import codec_exp3
+    if name == "exp23":
+        from sllmctl.store import codec_exp23
 
-        return name, codec_exp3.encode_chunk
+        return name, codec_exp23.encode_chunk
     if name != ENCODING:
         raise ValueError(f"unknown encoding {name!r}")
     return name, encode_chunk
@@ -155,10 +155,10 @@ def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: n
     layout = Layout(f, chunk)
     frames = layout.frames(offset, length)
     decode = decode_frame
-    if f.encoding == "exp3":
-        from sllmctl.store import codec_exp3
+    if f.encoding == "exp23":
+        from sllmctl.store import codec_exp23
 
-        decode = codec_exp3.decode_frame
+        decode = codec_exp23.decode_frame
 
     def one(fr: tuple[int, int, int, int]) -> tuple[int, str]:
         i, n, at, z = fr

@@ -22,8 +22,8 @@ from sllmctl.errors import CorruptCheckpoint
 
 MAGIC = "sllmctl-checkpoint"
 READ_VERSIONS = (1, 2, 4)  # written: the highest version an encoded file needs, else 1
-# encoding -> the first format version that holds it (codec.py, codec_exp3.py)
-ENCODINGS = {"split-zstd": 2, "exp3": 4}
+# encoding -> the first format version that holds it (codec.py, codec_exp23.py)
+ENCODINGS = {"split-zstd": 2, "exp23": 4}
 ALIGNMENT = 4096  # bytes; O_DIRECT block and page size, and a multiple of every GPU access width
 CHUNK_SIZE = 16 << 20  # bytes covered by one checksum; a multiple of ALIGNMENT
 CHECKSUM = "sum64x2"
@@ -116,7 +116,7 @@ class DataFile:
     path: str
     size: int  # the bytes it holds (decoded); tensor offsets and checksums refer to these
     checksums: list[str]
-    encoding: str | None = None  # None: stored as is; "split-zstd", "exp3": frame by frame
+    encoding: str | None = None  # None: stored as is; "split-zstd", "exp23": frame by frame
     frames: list[int] | None = None  # encoded: each frame's compressed length, 0 = plain
     stored_size: int | None = None  # encoded: the file's size on disk
 

@@ -64,7 +64,7 @@ def unsplit(buffer: torch.Tensor, split: Split) -> None:
 # What a load copies, in any order: (piece, host buffer holding it or its frames, release).
 # `release` is called once the copy no longer needs the buffer; None where nothing needs
 # handing back.
-# (Or a gpu/decode.py Coded: exp3 frames, copied as stored and decoded on the GPU.)
+# (Or a gpu/decode.py Coded: exp23 frames, copied as stored and decoded on the GPU.)
 Source = Iterator[tuple[Piece, Any, Callable[[], None] | None]]
 
 
@@ -116,7 +116,7 @@ class GpuLoad:
         self._done = False
         self.seconds = 0.0
         self._callbacks: list[Callable[[BaseException | None], None]] = []
-        self._decoder: Any = None  # gpu/decode.py's FrameDecoder, made for the first exp3 piece
+        self._decoder: Any = None  # gpu/decode.py's FrameDecoder, made for the first exp23 piece
 
     def _mark(self, stage: str) -> None:
         import time
@@ -205,7 +205,7 @@ class GpuLoad:
                                     dst.copy_(buf[: p.length], non_blocking=True)
                                 copied = landed = torch.cuda.Event()
                                 copied.record(self.copy_stream)
-                            else:  # exp3 frames (gpu/decode.py's Coded), decoded on the GPU
+                            else:  # exp23 frames (gpu/decode.py's Coded), decoded on the GPU
                                 copied, landed = self._decode(buf, p.file)
                         if release is not None:  # None: the buffer needs no handing back
                             if thread is None:
@@ -260,7 +260,7 @@ class GpuLoad:
         return self._views()
 
     def _decode(self, coded: Any, file: int) -> tuple[Any, Any]:
-        """Queue an exp3 piece's copy and its decoding on the GPU: (copied, decoded) events."""
+        """Queue an exp23 piece's copy and its decoding on the GPU: (copied, decoded) events."""
         if self._decoder is None:
             from sllmctl.store.gpu.decode import FrameDecoder
 

@@ -244,7 +244,7 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
             layout = files.layouts[p.file]
             if layout is None:
                 done.put((p, buf, buf))
-            elif layout.file.encoding == "exp3":  # copied as stored, decoded on the GPU
+            elif layout.file.encoding == "exp23":  # copied as stored, decoded on the GPU
                 done.put((p, coded_piece(layout, p.offset, p.length, buf, start), buf))
             else:
                 frames = split_piece(model, p.offset, p.length, buf, start, layout)

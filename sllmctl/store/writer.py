@@ -63,7 +63,7 @@ def convert(
 
     `compress` stores the data files encoded (codec.py: the high byte of each 16-bit word
     zstd-compressed), for disks slower than the CPU's decoding; or an encoding's name:
-    "exp3" (codec_exp3.py, format version 4) is decoded on the GPU. Nothing is visible under
+    "exp23" (codec_exp23.py, format version 4) is decoded on the GPU. Nothing is visible under
     `name` until the whole model is written and synced.
     """
     store = store or Store()

@@ -1,4 +1,4 @@
-"""Decoding exp3 frames (codec_exp3.py, format version 4) on the GPU, bit-exact with the CPU.
+"""Decoding exp23 frames (codec_exp23.py, format version 4) on the GPU, bit-exact with the CPU.
 
 `decode_frame` decodes one frame already in GPU memory with one Triton kernel: a program per
 block of 4096 words reads each word's raw byte and its 3 code bits at fixed places, looks
@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sllmctl.store.codec_exp3 import BLOCK, ESCAPE, TABLE, blocks, header_size
+from sllmctl.store.codec_exp23 import BLOCK, HEAD, blocks, fixed_size
 
 if TYPE_CHECKING:
     import torch
@@ -34,62 +34,36 @@ NUM_WARPS = 8  # per program of BLOCK words
 
 @functools.cache
 def _kernel() -> Any:
-    """The Triton kernel, compiled on first use (so that importing this module needs no
-    Triton); SllmError where Triton is missing."""
+    """The Triton kernel (_kernels.py), compiled on first use, so that importing this module
+    needs no Triton; SllmError where Triton is missing."""
     try:
-        import triton
-        import triton.language as tl
+        from sllmctl.store.gpu import _kernels
     except ImportError:
         from sllmctl.errors import SllmError
 
-        raise SllmError("decoding exp3 frames on the GPU needs Triton, which is not installed",
+        raise SllmError("decoding exp23 frames on the GPU needs Triton, which is not installed",
                         hint="python3 -m pip install triton") from None
-
-    @triton.jit
-    def exp3_decode(src, dst, m, p, count, BLOCK: tl.constexpr, ESCAPE: tl.constexpr,
-                    TABLE: tl.constexpr):
-        pid = tl.program_id(0)
-        i = pid * BLOCK + tl.arange(0, BLOCK)
-        inside = i < m
-        r = tl.load(src + i, mask=inside, other=0).to(tl.int32)
-        byte = m + (i >> 3)
-        bit = i & 7
-        c = (tl.load(src + byte, mask=inside, other=0).to(tl.int32) >> bit) & 1
-        c |= ((tl.load(src + byte + p, mask=inside, other=0).to(tl.int32) >> bit) & 1) << 1
-        c |= ((tl.load(src + byte + 2 * p, mask=inside, other=0).to(tl.int32) >> bit) & 1) << 2
-        at = m + 3 * p
-        t = tl.load(src + at + c, mask=inside, other=0).to(tl.int32)
-        ob = at + TABLE + 4 * pid
-        o = (tl.load(src + ob).to(tl.int32) | tl.load(src + ob + 1).to(tl.int32) << 8
-             | tl.load(src + ob + 2).to(tl.int32) << 16 | tl.load(src + ob + 3).to(tl.int32) << 24)
-        esc = (c == ESCAPE) & inside
-        e32 = esc.to(tl.int32)
-        k = o + tl.cumsum(e32, axis=0) - e32
-        ok = esc & (k >= 0) & (k < count)
-        xb = at + TABLE + 4 * tl.cdiv(m, BLOCK)
-        x = tl.load(src + xb + k, mask=ok, other=0).to(tl.int32)
-        e = tl.where(esc, x, t)
-        w = ((r & 0x80) << 8) | (e << 7) | (r & 0x7F)
-        tl.store(dst + i, w.to(tl.int16), mask=inside)
-
-    return exp3_decode
+    return _kernels.exp23_decode
 
 
 def decode_frame(stored: torch.Tensor, n: int, z: int, out: torch.Tensor,
                  num_warps: int = NUM_WARPS) -> None:
     """Queue on the current stream the decoding of one frame: `stored` its bytes on the GPU
-    (uint8, at least n/2 + z of them, or n for a plain frame), `out` its n decoded bytes."""
+    (uint8, at least n/2 + z of them, or n for a plain frame), `out` its n decoded bytes. A
+    frame too short for its fixed part decodes to zeros (for the checksum to name)."""
     import torch
 
     if z == 0:
         out.copy_(stored[:n])
         return
     m = n // 2
-    count = max(0, z - header_size(m))
     if m % 2048 or len(stored) < m + z:
-        raise ValueError(f"not an exp3 frame of {n} bytes: {len(stored)} stored, z = {z}")
-    _kernel()[(blocks(m),)](stored, out.view(torch.int16), m, m // 8, count, BLOCK=BLOCK,
-                            ESCAPE=ESCAPE, TABLE=TABLE, num_warps=num_warps)
+        raise ValueError(f"not an exp23 frame of {n} bytes: {len(stored)} stored, z = {z}")
+    if z < fixed_size(m):
+        out.zero_()
+        return
+    _kernel()[(blocks(m),)](stored, out.view(torch.int16), m, m + z, BLOCK=BLOCK, HEAD=HEAD,
+                            num_warps=num_warps)
 
 
 def warm_up(device: Any) -> None:
@@ -98,10 +72,10 @@ def warm_up(device: Any) -> None:
     import numpy as np
     import torch
 
-    from sllmctl.store import codec_exp3
+    from sllmctl.store import codec_exp23
 
     data = np.zeros(1 << 14, dtype=np.uint8)
-    z, parts = codec_exp3.encode_chunk(data)
+    z, parts = codec_exp23.encode_chunk(data)
     stored = np.concatenate([np.frombuffer(memoryview(p).cast("B"), np.uint8) for p in parts])
     out = torch.empty(len(data), dtype=torch.uint8, device=device)
     decode_frame(torch.from_numpy(stored).to(device), len(data), z, out)
@@ -110,7 +84,7 @@ def warm_up(device: Any) -> None:
 
 @dataclass
 class Coded:
-    """A piece of an exp3 data file in pinned host memory, as stored: `host` its bytes,
+    """A piece of an exp23 data file in pinned host memory, as stored: `host` its bytes,
     `frames` (offset in `host`, offset in the file, decoded length n, z) per frame. GpuLoad
     copies it as is and decodes it on the GPU."""
 
@@ -120,7 +94,7 @@ class Coded:
 
 def coded_piece(layout: Layout, offset: int, length: int, buf: torch.Tensor,
                 start: int) -> Coded:
-    """The frames of chunks [offset, offset + length) of an exp3 file, read as stored into
+    """The frames of chunks [offset, offset + length) of an exp23 file, read as stored into
     `buf` from byte `start` of the file."""
     end = layout.stored_range(offset, length)[1]
     frames = [(at - start, i * layout.chunk, n, z) for i, n, at, z in layout.frames(offset, length)]
@@ -128,7 +102,7 @@ def coded_piece(layout: Layout, offset: int, length: int, buf: torch.Tensor,
 
 
 class FrameDecoder:
-    """Copies pieces of stored exp3 frames from pinned host memory to one GPU and decodes them
+    """Copies pieces of stored exp23 frames from pinned host memory to one GPU and decodes them
     there, on a decode stream of its own, through a ring of staging buffers."""
 
     def __init__(self, device: Any, size: int, stages: int = STAGES) -> None:
@@ -177,7 +151,7 @@ class FrameDecoder:
 
 @dataclass
 class PinnedCoded:
-    """A model's data files held in pinned host memory as stored (exp3 frames; a plain file
+    """A model's data files held in pinned host memory as stored (exp23 frames; a plain file
     as plain frames), in pieces of whole frames: the DRAM tier keeping a model compressed."""
 
     model: StoredModel
