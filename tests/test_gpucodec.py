@@ -172,6 +172,21 @@ def test_dram_tier_holds_the_stored_bytes_in_pieces_of_whole_frames(src: Path) -
     assert covered == f.size
 
 
+def test_dram_tier_holds_a_plain_model_as_plain_frames(src: Path) -> None:
+    from sllmctl.store.gpu.decode import load_pinned_coded
+
+    m = convert(src, "plain", max_file_size=20 << 20)
+    pinned = load_pinned_coded(Store().get("plain"), size=20 << 20, pin=False)
+    assert pinned.nbytes == m.total_bytes
+    for p, c in pinned.pieces:
+        f = m.files[p.file]
+        want = (Store().path("plain") / f.path).read_bytes()[p.offset:p.offset + p.length]
+        assert c.host.numpy().tobytes() == want
+        assert all(z == 0 for _, _, _, z in c.frames)
+        assert [(at, off) for at, off, _, _ in c.frames] == [
+            (off - p.offset, off) for off in range(p.offset, p.offset + p.length, CHUNK_SIZE)]
+
+
 _INTERPRET = """
 import sys, numpy as np, torch
 from tests.test_gpucodec import _chunks, _frame
