@@ -1,11 +1,11 @@
 """Decoding exp23 frames (codec_exp23.py, format version 4) on the GPU, bit-exact with the CPU.
 
-`decode_frame` decodes one frame already in GPU memory with one Triton kernel: a program per
-block of 4096 words reads each word's raw byte and its 3 code bits at fixed places, looks
-its exponent up in the frame's table, or, for an escape, in the escape list at the block's
-stored offset plus a prefix sum of the block's escapes, and writes the 16-bit word. Every
-read is bounded by the frame, so a damaged frame decodes to wrong bytes, which the
-checksums then name, never to a read outside it.
+`decode_frame` decodes one frame already in GPU memory with one Triton kernel (_kernels.py):
+a program per block of 4096 words reads each word's raw byte and 2-bit code at fixed places,
+and finds the entries of the words that look further in the second list and the escapes from
+the block's stored offsets plus prefix sums over the block. Every read is bounded by the
+frame, so a damaged frame decodes to wrong bytes, which the checksums then name, never to a
+read outside it.
 
 `FrameDecoder` is the pipeline from pinned host memory: each piece of stored frames is copied
 to a GPU staging buffer on the caller's copy stream and decoded on a stream of its own, so
