@@ -241,6 +241,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--disk-layers", type=int, default=0,
                     help="also load an 8B-shaped checkpoint of this many layers from disk")
+    ap.add_argument("--disk-repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=Path("bench-data"))
     args = ap.parse_args()
     if not have_cuda():
@@ -296,7 +297,7 @@ def main() -> int:
     save_results(args.out, f"gpu-decode-{args.gib}g", r)
     if args.disk_layers:
         del plain, coded, pinned
-        d = disk_loads(args.dir, args.disk_layers, args.repeats)
+        d = disk_loads(args.dir, args.disk_layers, args.disk_repeats)
         for k, v in d.items():
             print(f"disk {k}: {v}")
         save_results(args.out, f"gpu-decode-disk-{args.disk_layers}l", d)
