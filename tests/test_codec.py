@@ -182,9 +182,9 @@ def test_version_1_manifest_cannot_carry_an_encoding(src: Path) -> None:
     path.write_text(seal(d))
     with pytest.raises(CorruptCheckpoint, match="unknown encoding"):
         Store().get("small")
-    d["format_version"] = 4
+    d["format_version"] = 5
     path.write_text(seal(d))
-    with pytest.raises(CorruptCheckpoint, match="format version 4 is not supported"):
+    with pytest.raises(CorruptCheckpoint, match="format version 5 is not supported"):
         Store().get("small")
 
 

@@ -20,20 +20,17 @@ them there; `read_into` decodes on the CPU (the CPU path, `verify`, the DRAM tie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from sllmctl.store.format import DataFile, align_up
+from sllmctl.store.format import DataFile, FrameError, align_up
 
 ENCODING = "split-zstd"
 LEVEL = 1  # zstd level: higher levels save about 1 % more of a plane and compress 2-4x slower
 UNDECODABLE = "undecodable"  # the checksum reported for a frame that does not decode
-
-
-class FrameError(ValueError):
-    """A stored frame that does not decode to its chunk's length."""
 
 
 # ---------------------------------------------------------------- layout
@@ -61,6 +58,19 @@ class Layout:
 
 
 # ---------------------------------------------------------------- encoding
+
+def encoder(compress: bool | str) -> tuple[str, Callable[[np.ndarray], tuple[int, list[Any]]]]:
+    """(encoding, chunk encoder) for `convert(compress=...)`: True is ENCODING, or a name
+    ("split-zstd", "exp23": codec_exp23.py)."""
+    name = ENCODING if compress is True else compress
+    if name == "exp23":
+        from sllmctl.store import codec_exp23
+
+        return name, codec_exp23.encode_chunk
+    if name != ENCODING:
+        raise ValueError(f"unknown encoding {name!r}")
+    return name, encode_chunk
+
 
 def _zstd() -> Any:
     """The zstandard module, or a one-line error saying how to get it."""
@@ -139,6 +149,11 @@ def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: n
 
     layout = Layout(f, chunk)
     frames = layout.frames(offset, length)
+    decode = decode_frame
+    if f.encoding == "exp23":
+        from sllmctl.store import codec_exp23
+
+        decode = codec_exp23.decode_frame
 
     def one(fr: tuple[int, int, int, int]) -> tuple[int, str]:
         i, n, at, z = fr
@@ -149,7 +164,7 @@ def read_into(fd: int, f: DataFile, chunk: int, offset: int, length: int, out: n
             return 0, ""
         dst = out[i * chunk - offset:i * chunk - offset + n]
         try:
-            decode_frame(stored, n, z, dst)
+            decode(stored, n, z, dst)
         except FrameError:
             return n, UNDECODABLE
         return n, native.checksum(dst.ctypes.data, n)

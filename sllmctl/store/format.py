@@ -24,10 +24,11 @@ import numpy as np
 from sllmctl.errors import CorruptCheckpoint
 
 MAGIC = "sllmctl-checkpoint"
-READ_VERSIONS = (1, 2, 3)
-WRITE_VERSION = 3
+READ_VERSIONS = (1, 2, 3, 4)
+WRITE_VERSION = 3  # the manifest's own checksum; an encoding may need a later version
 MANIFEST_SUM = "manifest_sha256"
-ENCODINGS = ("split-zstd",)  # see codec.py
+# encoding -> the first format version that holds it (codec.py, codec_exp23.py)
+ENCODINGS = {"split-zstd": 2, "exp23": 4}
 ALIGNMENT = 4096  # bytes; O_DIRECT block and page size, and a multiple of every GPU access width
 CHUNK_SIZE = 16 << 20  # bytes covered by one checksum; a multiple of ALIGNMENT
 CHECKSUM = "sum64x2"
@@ -70,6 +71,10 @@ DTYPE_ALIASES = {
     "f32": "F32", "fp32": "F32", "float32": "F32", "float": "F32",
     "f64": "F64", "float64": "F64",
 }
+
+
+class FrameError(ValueError):
+    """A stored frame that does not decode to its chunk's length (codec.py, codec_exp23.py)."""
 
 
 def torch_dtype(name: str) -> Any:
@@ -124,7 +129,7 @@ class DataFile:
     path: str
     size: int  # the bytes it holds (decoded); tensor offsets and checksums refer to these
     checksums: list[str]
-    encoding: str | None = None  # None: stored as is; "split-zstd": frame by frame
+    encoding: str | None = None  # None: stored as is; "split-zstd", "exp23": frame by frame
     frames: list[int] | None = None  # encoded: each frame's compressed length, 0 = plain
     stored_size: int | None = None  # encoded: the file's size on disk
 
@@ -257,7 +262,8 @@ class Manifest:
             self._validate_encoding(f, where)
 
     def _validate_encoding(self, f: DataFile, where: str) -> None:
-        if self.format_version < 2 or f.encoding not in ENCODINGS:
+        if (not isinstance(f.encoding, str) or f.encoding not in ENCODINGS
+                or self.format_version < ENCODINGS[f.encoding]):
             raise CorruptCheckpoint(f"{where}: {f.path} has an unknown encoding "
                                     f"{f.encoding!r} (format version {self.format_version})")
         frames = f.frames

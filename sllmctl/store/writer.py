@@ -16,11 +16,12 @@ import numpy as np
 
 from sllmctl._version import __version__
 from sllmctl.errors import AlreadyExists, SllmError
-from sllmctl.store.codec import ENCODING, encode_chunk
+from sllmctl.store.codec import encoder
 from sllmctl.store.format import (
     CHUNK_SIZE,
     DTYPE_ALIASES,
     DTYPES,
+    ENCODINGS,
     FILES_DIR,
     MANIFEST,
     WRITE_VERSION,
@@ -58,12 +59,13 @@ def convert(
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     max_file_size: int = MAX_FILE_SIZE,
-    compress: bool = False,
+    compress: bool | str = False,
 ) -> Manifest:
     """Convert the checkpoint at `src` into the store as `name`; returns its manifest.
 
     `compress` stores the data files encoded (codec.py: the high byte of each 16-bit word
-    zstd-compressed), for disks slower than the CPU's decoding. Nothing is visible under
+    zstd-compressed), for disks slower than the CPU's decoding; or an encoding's name:
+    "exp23" (codec_exp23.py, format version 4) is decoded on the GPU. Nothing is visible under
     `name` until the whole model is written and synced.
     """
     store = store or Store()
@@ -100,7 +102,7 @@ def _write(
     progress: Callable[[int], None] | None,
     on_total: Callable[[int], None] | None,
     max_file_size: int,
-    compress: bool = False,
+    compress: bool | str = False,
 ) -> Manifest:
     plan = _plan(source.tensors, target, max_file_size)
     if on_total:
@@ -137,7 +139,8 @@ def _write(
     }
     manifest = Manifest(name=name, files=files, tensors=plan.tensors, aliases=plan.aliases,
                         extra_files=extra, provenance=provenance,
-                        format_version=WRITE_VERSION)
+                        format_version=max([WRITE_VERSION] + [ENCODINGS[f.encoding] for f in files
+                                                              if f.encoding is not None]))
     manifest.validate(f"model {name}")
     _write_synced(folder / MANIFEST, manifest.to_json().encode())
     _fsync_dir(folder)
@@ -242,12 +245,16 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _no_encoder(data: np.ndarray) -> tuple[int, list[Any]]:
+    raise AssertionError("a plain data file encodes nothing")
+
+
 class _ChunkWriter:
     """Writes a data file through one aligned chunk buffer, checksumming each chunk; with
     `compress`, each chunk is encoded (codec.py) by a pool of threads and the frames are
     written in order."""
 
-    def __init__(self, path: Path, compress: bool = False) -> None:
+    def __init__(self, path: Path, compress: bool | str = False) -> None:
         from sllmctl import native
 
         self.path = path
@@ -257,7 +264,8 @@ class _ChunkWriter:
         self.written = 0
         self.checksums: list[str] = []
         self._checksum = native.checksum
-        self.compress = compress
+        self.compress = bool(compress)
+        self.encoding, self._encode = encoder(compress) if compress else ("", _no_encoder)
         self.frames: list[int] = []
         self.stored = 0
         self._pending: deque[Future[tuple[int, list[Any]]]] = deque()
@@ -298,7 +306,7 @@ class _ChunkWriter:
             return
         self.checksums.append(self._checksum(self.buf.ctypes.data, self.fill))
         if self._pool is not None:
-            self._pending.append(self._pool.submit(encode_chunk, self.buf[:self.fill].copy()))
+            self._pending.append(self._pool.submit(self._encode, self.buf[:self.fill].copy()))
             while len(self._pending) > 2 * ENCODE_THREADS or (
                     self._pending and self._pending[0].done()):
                 self._write_frame(self._pending.popleft().result())
@@ -343,4 +351,4 @@ class _ChunkWriter:
         if not self.compress:
             return DataFile(path=self.path.name, size=self.written, checksums=self.checksums)
         return DataFile(path=self.path.name, size=self.written, checksums=self.checksums,
-                        encoding=ENCODING, frames=self.frames, stored_size=self.stored)
+                        encoding=self.encoding, frames=self.frames, stored_size=self.stored)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # What a load copies, in any order: (piece, host buffer holding it or its frames, release).
 # `release` is called once the copy no longer needs the buffer; None where nothing needs
 # handing back.
-Source = Iterator[tuple[Piece, "torch.Tensor | Split", Callable[[], None] | None]]
+# (Or a gpu/decode.py Coded: exp23 frames, copied as stored and decoded on the GPU.)
+Source = Iterator[tuple[Piece, Any, Callable[[], None] | None]]
 
 
 # ---------------------------------------------------------------- the copy pipeline
@@ -73,6 +74,7 @@ class GpuLoad:
         self._cond = threading.Condition()
         self._copied: list[list[tuple[int, int, torch.cuda.Event]]] = [[] for _ in files]
         self._error: BaseException | None = None
+        self._decoder: Any = None  # gpu/decode.py's FrameDecoder, made for the first exp23 piece
         self._done = False
         self.seconds = 0.0
         self._callbacks: list[Callable[[BaseException | None], None]] = []
@@ -145,6 +147,8 @@ class GpuLoad:
                         self.checker.report(*checked, self.model)
         except BaseException as e:
             self.copy_stream.synchronize()  # nothing may still write the memory we give up
+            if self._decoder is not None:
+                self._decoder.stream.synchronize()
             self._finish(e)
             raise
         self.seconds = time.perf_counter() - t0
@@ -155,7 +159,7 @@ class GpuLoad:
         self._finish(None)
         return self._views()
 
-    def _copy(self, p: Piece, buf: torch.Tensor | Split, release: Callable[[], None] | None,
+    def _copy(self, p: Piece, buf: Any, release: Callable[[], None] | None,
               first: torch.cuda.Event, recycler: _Recycler) -> None:
         """Queue one piece's copy, hand its host buffer to the recycler, queue its checksum."""
         import torch
@@ -166,21 +170,24 @@ class GpuLoad:
         with torch.cuda.stream(self.copy_stream):
             if "first_copy" not in self.timings:
                 first.record(self.copy_stream)
-            if isinstance(buf, Split):
-                unsplit(self._allocate(p.file), buf)
-            else:
-                dst.copy_(buf[: p.length], non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self.copy_stream)
+            if isinstance(buf, Split | torch.Tensor):
+                if isinstance(buf, Split):
+                    unsplit(self._allocate(p.file), buf)
+                else:
+                    dst.copy_(buf[: p.length], non_blocking=True)
+                copied = landed = torch.cuda.Event()
+                copied.record(self.copy_stream)
+            else:  # exp23 frames (gpu/decode.py's Coded), decoded on the GPU
+                copied, landed = self._decode(buf, p.file)
         if release is not None:  # None: the buffer needs no handing back
             recycler.put(copied, release)
         if "first_copy" not in self.timings:
             self._mark("first_copy")
         with self._cond:
-            self._copied[p.file].append((p.offset, p.offset + p.length, copied))
+            self._copied[p.file].append((p.offset, p.offset + p.length, landed))
             self._cond.notify_all()
         if self.checker is not None:
-            self.sum_stream.wait_event(copied)
+            self.sum_stream.wait_event(landed)
             with torch.cuda.stream(self.sum_stream):
                 self.checker.add(p.file, p.offset, dst)
 
@@ -192,12 +199,23 @@ class GpuLoad:
 
         self._views()
         self.sum_stream.wait_stream(self.copy_stream)
+        if self._decoder is not None:  # the last decodes, checked or not
+            self.sum_stream.wait_stream(self._decoder.stream)
         with torch.cuda.stream(self.sum_stream):
             checked = (self.checker.compare(expected_sums(self.model, self.device))
                        if self.checker is not None else None)
             verified.record(self.sum_stream)
             settled.record(self.sum_stream)
         return checked
+
+    def _decode(self, coded: Any, file: int) -> tuple[Any, Any]:
+        """Queue an exp23 piece's copy and its decoding on the GPU: (copied, decoded) events."""
+        if self._decoder is None:
+            from sllmctl.store.gpu.decode import FrameDecoder
+
+            self._decoder = FrameDecoder(self.device, max(64 << 20, len(coded.host)))
+        return self._decoder.queue(coded.host, coded.frames, self._allocate(file),
+                                   self.copy_stream)
 
     def _finish(self, error: BaseException | None) -> None:
         with self._cond:

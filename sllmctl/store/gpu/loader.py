@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.store.datafile import Piece, reconvert_hint
 from sllmctl.store.gpu.copy import GpuLoad, Source
+from sllmctl.store.gpu.decode import coded_piece
 from sllmctl.store.gpu.files import ModelFiles
 from sllmctl.store.gpu.split import split_piece
 from sllmctl.store.store import StoredModel
@@ -144,6 +145,8 @@ def _read_pieces(model: StoredModel, todo: list[Piece], pool: PinnedPool, direct
             layout = files.layouts[p.file]
             if layout is None:
                 done.put((p, buf, buf))
+            elif layout.file.encoding == "exp23":  # copied as stored, decoded on the GPU
+                done.put((p, coded_piece(layout, p.offset, p.length, buf, start), buf))
             else:
                 done.put((p, split_piece(model, p.offset, p.length, buf, start, layout), buf))
         except BaseException as e:

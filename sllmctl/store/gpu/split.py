@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sllmctl.errors import CorruptCheckpoint
-from sllmctl.store.codec import FrameError, Layout, decompress_into
+from sllmctl.store.codec import Layout, decompress_into
 from sllmctl.store.datafile import reconvert_hint
-from sllmctl.store.format import align_up
+from sllmctl.store.format import FrameError, align_up
 from sllmctl.store.store import StoredModel
 
 if TYPE_CHECKING:
