@@ -5,14 +5,12 @@ Every command module keeps torch out of its top level, so `--help` and completio
 
 from __future__ import annotations
 
-import importlib
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from sllmctl import __version__, paths
+from sllmctl import __version__
 from sllmctl.commands import (
     convert,
     daemon,
@@ -27,7 +25,8 @@ from sllmctl.commands import (
     verify,
     warm,
 )
-from sllmctl.output import fail
+from sllmctl.commands._common import HomeOpt
+from sllmctl.output import fail, print_json_error
 
 app = typer.Typer(
     name="sllmctl",
@@ -53,33 +52,38 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    home: Annotated[
-        Optional[Path],  # noqa: UP045 (typer reads the annotation at run time)
-        typer.Option("--home", help="Store root (overrides SLLMCTL_HOME and the config file)."),
-    ] = None,
+    home: HomeOpt = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    if home is not None:
-        paths.set_override("home", str(home))
+    return None  # both options act through their callbacks
 
 
-# typer >= 0.20 ships its own copy of click; older versions use click itself
-_click = getattr(typer, "_click", None) or importlib.import_module("click")
+def _wants_json(argv: list[str]) -> bool:
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in args
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    json_mode = _wants_json(args)
     try:
-        app(args=argv, prog_name="sllmctl", standalone_mode=False)
+        app(args=args, prog_name="sllmctl", standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        fail(KeyboardInterrupt())
-    except _click.exceptions.ClickException as e:
-        e.show()
+        fail(KeyboardInterrupt(), json_mode)
+    except typer.TyperException as e:  # click's usage errors (typer >= 0.28 vendors click)
+        if json_mode:
+            print_json_error("usage", e.format_message(), "sllmctl --help")
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
+            print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except SystemExit:
         raise
     except BaseException as e:  # one error path for everything else
-        fail(e)
+        fail(e, json_mode)

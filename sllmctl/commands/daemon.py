@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.output import Out
 
 NAME = "daemon"
@@ -32,6 +32,7 @@ def start(
     dram_pool: PoolOpt = "25%",
     measure_bytes: Annotated[int, typer.Option(
         "--measure-bytes", help="Bytes read to measure the disk at start.")] = 256 << 20,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.commands.convert import convert_and_report
 from sllmctl.commands.ls import command as ls_command
 from sllmctl.commands.run import stream_to_stdout
@@ -20,6 +20,7 @@ QUESTION = "What is the capital of France?"
 
 def command(
     force: Annotated[bool, typer.Option("--force", help="Convert it again.")] = False,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

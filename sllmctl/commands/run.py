@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.output import Out
 
 NAME = "run"
@@ -27,6 +27,7 @@ def command(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N "  # noqa: UP045
                                                   "(default: cuda if present).")] = None,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.commands._daemon_opts import AutostartOpt
 from sllmctl.output import Out
 
@@ -27,6 +27,7 @@ def command(
     detach: Annotated[bool, typer.Option("--detach", help="Return once the model is "
                                          "served.")] = False,
     autostart: AutostartOpt = None,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.commands._daemon_opts import AutostartOpt
 from sllmctl.output import Out, human_size
 
@@ -28,6 +28,7 @@ def command(
     measure: Annotated[bool, typer.Option("--measure", help="Measure the host's bandwidths "
                                           "again first.")] = False,
     autostart: AutostartOpt = None,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
