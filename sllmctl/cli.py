@@ -22,6 +22,7 @@ from sllmctl.commands import (
     show,
     status,
     unload,
+    unserve,
     verify,
     warm,
 )
@@ -38,7 +39,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (convert, ls, show, rm, verify, warm, unload, status, serve, run, demo):
+for module in (convert, ls, show, rm, verify, warm, unload, status, serve, unserve, run, demo):
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)

@@ -35,3 +35,14 @@ def quiet_opt(help: str) -> Any:
 
 
 QuietOpt = quiet_opt("Print nothing but errors (the exit code tells the outcome).")
+
+
+def seconds(value: str, flag: str) -> float:
+    """A duration flag (`5m`, `1h`, `30s`, `300`, `-1`) in seconds; a usage error if not."""
+    from sllmctl.durations import EXAMPLES, parse_duration
+    from sllmctl.errors import UsageError
+
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise UsageError(f"{flag} wants a duration, not {value!r}", hint=EXAMPLES) from None
