@@ -27,6 +27,7 @@ from sllmctl.commands import (
     warm,
 )
 from sllmctl.commands._common import HomeOpt
+from sllmctl.errors import EXIT_INTERRUPTED
 from sllmctl.output import fail, print_json_error
 
 app = typer.Typer(
@@ -70,7 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     json_mode = _wants_json(args)
     try:
-        app(args=args, prog_name="sllmctl", standalone_mode=False)
+        # without standalone mode typer turns Ctrl-C into a returned 130 (and click's
+        # Ctrl-D at a prompt into Abort)
+        rc = app(args=args, prog_name="sllmctl", standalone_mode=False)
+        if rc == EXIT_INTERRUPTED:
+            raise KeyboardInterrupt
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
