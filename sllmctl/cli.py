@@ -12,6 +12,7 @@ import typer
 
 from sllmctl import __version__
 from sllmctl.commands import (
+    completion,
     convert,
     daemon,
     demo,
@@ -40,7 +41,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (convert, ls, show, rm, verify, warm, unload, status, serve, unserve, run, demo):
+for module in (convert, ls, show, rm, verify, warm, unload, status, serve, unserve, run, demo,
+               completion):
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)
