@@ -93,3 +93,27 @@ def test_keep_alive_that_is_not_a_duration_is_a_usage_error(demo: str) -> None:
     assert r.returncode == 2
     assert r.stderr.splitlines()[0] == "error: --keep-alive wants a duration, not 'lots'"
     assert served_rows() == []
+
+
+def readme_request() -> dict[str, object]:
+    """The JSON body of the README's curl example, as written there."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("-d '", readme.index("curl ")) + 4
+    return json.loads(readme[start:readme.index("'", start)])  # type: ignore[no-any-return]
+
+
+def test_the_readme_curl_example_answers_paris(demo: str) -> None:
+    import urllib.request
+
+    body = readme_request()
+    assert body["model"] == demo and body["temperature"] == 0
+    port = free_port()
+    assert sllmctl("serve", demo, "--port", str(port), "--detach", "-q").returncode == 0
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                 data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        answer = json.loads(r.read())["choices"][0]["message"]["content"]
+    assert "Paris" in answer
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f'"{answer}"' in readme  # the README quotes the answer it gets
