@@ -31,10 +31,11 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confir
 
 def quiet_opt(help: str) -> Any:
     """A -q/--quiet option whose help says what -q means for this command."""
-    return Annotated[bool, typer.Option("--quiet", "-q", help=help)]
+    return typer.Option("--quiet", "-q", help=help)
 
 
-QuietOpt = quiet_opt("Print nothing but errors (the exit code tells the outcome).")
+QuietOpt = Annotated[bool, quiet_opt("Print nothing but errors (the exit code tells the "
+                                     "outcome).")]
 
 
 def seconds(value: str, flag: str) -> float:

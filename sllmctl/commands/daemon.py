@@ -128,7 +128,7 @@ def running_options(pid: int | None) -> dict[str, str]:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return {}
-    options = {}
+    options: dict[str, str] = {}
     for flag in ("--listen", "--dram-pool", "--measure-bytes"):
         for i, arg in enumerate(argv[:-1]):
             if arg == flag:

@@ -16,7 +16,7 @@ from sllmctl.output import Out
 
 NAME = "demo"
 QUESTION = "What is the capital of France?"
-QuietAnswer = quiet_opt("Print the answer alone.")
+QuietAnswer = Annotated[bool, quiet_opt("Print the answer alone.")]
 
 
 def command(

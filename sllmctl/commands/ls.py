@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, quiet_opt
 from sllmctl.errors import SllmError
@@ -30,7 +30,7 @@ def model_summary(name: str) -> dict[str, Any]:
     }
 
 
-QuietNames = quiet_opt("Print model names only, one a line.")
+QuietNames = Annotated[bool, quiet_opt("Print model names only, one a line.")]
 
 
 def command(home: HomeOpt = None, json: JsonOpt = False, quiet: QuietNames = False) -> None:

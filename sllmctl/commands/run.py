@@ -11,8 +11,8 @@ from sllmctl.commands._common import HomeOpt, JsonOpt, quiet_opt
 from sllmctl.output import Out
 
 NAME = "run"
-QuietAnswer = quiet_opt("Print the answer alone, once it is complete (no streaming, no "
-                        "load time).")
+QuietAnswer = Annotated[bool, quiet_opt(
+    "Print the answer alone, once it is complete (no streaming, no load time).")]
 
 
 def command(

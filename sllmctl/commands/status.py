@@ -36,7 +36,8 @@ def command(
     Out(json, quiet).result(s, lambda: _print_status(s))
 
 
-QuietNames = quiet_opt("Print the names of resident and served models only, one a line.")
+QuietNames = Annotated[bool, quiet_opt(
+    "Print the names of resident and served models only, one a line.")]
 
 
 def ps(autostart: AutostartOpt = None, home: HomeOpt = None, json: JsonOpt = False,
@@ -55,7 +56,7 @@ def expires_at(m: dict[str, Any]) -> float | None:
     """When a served model's keep-alive ends: the daemon's figure when it gives one, else
     its last use plus its keep-alive; None for ever or while it answers requests."""
     if "expires_at" in m:
-        return m["expires_at"]  # type: ignore[no-any-return]
+        return m["expires_at"]
     if m["keep_alive"] < 0 or m.get("active"):
         return None
     return float(m["last_used"]) + float(m["keep_alive"])
