@@ -86,9 +86,10 @@ def status(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     from sllmctl.daemon import client
 
     info = client.connect(autostart=False).call("status")["daemon"]
+    log = f", log {info['log_file']}" if info.get("log_file") else ""
     Out(json, quiet).result(info, lambda: print(
         f"daemon {info['state']}: pid {info['pid']}, {info['endpoint']}, "
-        f"up {info['uptime_s']:.0f} s"))
+        f"up {info['uptime_s']:.0f} s{log}"))
 
 
 @app.command("restart")
