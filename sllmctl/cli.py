@@ -36,7 +36,7 @@ app = typer.Typer(
     help="Start large language models fast: convert, store, warm and serve checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,  # static scripts ship in completions/
+    add_completion=False,  # `sllmctl completion SHELL` prints static scripts instead
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(KeyboardInterrupt(), json_mode)
     except typer.TyperException as e:  # click's usage errors (typer >= 0.28 vendors click)
         if json_mode:
-            print_json_error("usage", e.format_message(), "sllmctl --help")
+            ctx = getattr(e, "ctx", None)
+            where = getattr(ctx, "command_path", None) or "sllmctl"
+            print_json_error("usage", e.format_message(), f"{where} --help")
         show = getattr(e, "show", None)
         if show is not None:
             show()
