@@ -23,21 +23,31 @@ def _uniq(names: list[str]) -> str:
     return " ".join(dict.fromkeys(names))
 
 
-def bash(globals_: list[Opt], cmds: list[Cmd]) -> str:
+def _bash_parts(globals_: list[Opt], cmds: list[Cmd]) -> dict[str, str]:
     every = [o for _, c in _leaves(cmds) for o in c.opts] + globals_
-    valued = _uniq([n for o in every if o.takes_value for n in o.names])
-    paths = _uniq([n for o in every if o.is_path for n in o.names])
-    choices = "\n".join(f"        {'|'.join(o.names)}) COMPREPLY=($(compgen -W "
-                        f"\"{' '.join(o.choices)}\" -- \"$cur\")); return ;;"
-                        for o in {o.names[0]: o for o in every if o.choices}.values())
-    groups = " ".join(c.name for c in cmds if c.subs)
-    group_cases = "\n".join(
-        f"        {c.name}) COMPREPLY=($(compgen -W \"{' '.join(s.name for s in c.subs)} "
-        "--help\" -- \"$cur\")); return ;;" for c in cmds if c.subs)
-    cases = "\n".join(
-        f"        \"{key}\") opts='{_uniq([n for o in c.opts for n in o.names] + ['--help'])}'; "
-        f"arg={c.arg or 'none'} ;;" for key, c in _leaves(cmds))
-    top = _uniq([c.name for c in cmds] + [n for o in globals_ for n in o.names] + ["--help"])
+    return {
+        "valued": _uniq([n for o in every if o.takes_value for n in o.names]),
+        "paths": _uniq([n for o in every if o.is_path for n in o.names]),
+        "choices": "\n".join(f"        {'|'.join(o.names)}) COMPREPLY=($(compgen -W "
+                              f"\"{' '.join(o.choices)}\" -- \"$cur\")); return ;;"
+                              for o in {o.names[0]: o for o in every if o.choices}.values()),
+        "groups": " ".join(c.name for c in cmds if c.subs),
+        "group_cases": "\n".join(
+            f"        {c.name}) COMPREPLY=($(compgen -W \"{' '.join(s.name for s in c.subs)} "
+            "--help\" -- \"$cur\")); return ;;" for c in cmds if c.subs),
+        "cases": "\n".join(
+            f"        \"{key}\") opts='"
+            f"{_uniq([n for o in c.opts for n in o.names] + ['--help'])}'; "
+            f"arg={c.arg or 'none'} ;;" for key, c in _leaves(cmds)),
+        "top": _uniq([c.name for c in cmds] + [n for o in globals_ for n in o.names]
+                     + ["--help"]),
+    }
+
+
+def bash(globals_: list[Opt], cmds: list[Cmd]) -> str:
+    p = _bash_parts(globals_, cmds)
+    valued, paths, groups = p["valued"], p["paths"], p["groups"]
+    choices, group_cases, cases, top = p["choices"], p["group_cases"], p["cases"], p["top"]
     return f"""# bash {HEADER.format(shell="bash")}
 _sllmctl_models() {{
     local d="${{SLLMCTL_HOME:-$HOME/.sllmctl}}/models"
