@@ -31,6 +31,9 @@ _OS_HINTS = {
 }
 
 
+_json_printed = False  # a command printed its JSON document: an error then adds no second
+
+
 class Out:
     def __init__(self, json_mode: bool = False, quiet: bool = False) -> None:
         self.json = json_mode
@@ -41,7 +44,9 @@ class Out:
         return not (self.json or self.quiet) and sys.stderr.isatty()
 
     def result(self, data: Any, human: Callable[[], None] | None = None) -> None:
+        global _json_printed
         if self.json or human is None:
+            _json_printed = True
             sys.stdout.write(json.dumps(data, indent=None if not sys.stdout.isatty() else 1))
             sys.stdout.write("\n")
         elif not self.quiet:
@@ -148,7 +153,7 @@ def fail(exc: BaseException, json_mode: bool = False) -> NoReturn:
     if os.environ.get("SLLMCTL_DEBUG"):
         traceback.print_exception(exc)
     code, message, hint, exit_code = describe_error(exc)
-    if json_mode:
+    if json_mode and not _json_printed:  # e.g. verify's failed report is the document
         print_json_error(code, message, hint)
     print(f"error: {message}", file=sys.stderr)
     if hint:

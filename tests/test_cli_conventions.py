@@ -113,3 +113,15 @@ def test_cli_uses_typer_public_api_only() -> None:
     assert "_click" not in src
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert '"typer>=0.28"' in pyproject  # the first with a public TyperException
+
+
+def test_a_failed_verify_prints_one_json_document(checkpoint: Path, home: Path) -> None:
+    assert sllmctl("convert", str(checkpoint), "-n", "bad", "-q").returncode == 0
+    data = next((home / "models" / ".data").glob("bad.*")) / "data-00000.bin"
+    raw = bytearray(data.read_bytes())
+    raw[10] ^= 1
+    data.write_bytes(bytes(raw))
+    r = sllmctl("verify", "bad", "--json")
+    assert r.returncode == 1 and r.stderr.startswith("error: model bad: data-00000.bin")
+    [line] = r.stdout.splitlines()  # the report alone, no second (error) document
+    assert json.loads(line)["ok"] is False
