@@ -129,8 +129,9 @@ def _print_status(s: dict[str, Any]) -> None:
         print(f"http:    {s['http']}/v1")
     if s["dram"]:
         r = s["dram"]
+        pinned = "pinned" if r["pinned"] else "not pinned"
         print(f"dram:    {human_size(r['used'])} used of {human_size(r['capacity'])} "
-              f"({human_size(r['allocated'])} allocated, pinned: {r['pinned']})")
+              f"({human_size(r['allocated'])} allocated, {pinned})")
     for g in (s["gpu"] or {}).get("gpus", []):
         stale = " (last known; the driver is busy)" if g.get("stale") else ""
         print(f"gpu {g['index']}:   {g['name']}, {human_size(g['free'])} free of "
