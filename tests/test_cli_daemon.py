@@ -107,6 +107,7 @@ def test_a_read_only_command_that_starts_a_daemon_says_so() -> None:
         assert "sllmctl daemon stop" in notice[0] and "DRAM pool" in notice[0]
         again = sllmctl("status")
         assert again.returncode == 0 and again.stderr == ""  # it runs now: nothing to say
+        assert not any(w in again.stdout for w in ("True", "False", "None", "{", "'"))
     finally:
         deadline = time.monotonic() + 10
         while daemon_pid() is None and time.monotonic() < deadline:
