@@ -4,20 +4,15 @@ completes the daemon's subcommands and offers fixed values, not file names, for 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_run import sllmctl
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def sllmctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True,
-                          text=True, env=os.environ.copy(), timeout=120)
 
 
 @pytest.mark.parametrize(("shell", "path"), [("bash", "sllmctl.bash"), ("zsh", "_sllmctl"),

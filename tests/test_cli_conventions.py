@@ -4,19 +4,12 @@ readable `show`, `ls` sizes, the typer dependency on public API only."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_run import sllmctl
 from safetensors.torch import save_file
-
-
-def sllmctl(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True,
-                          text=True, input=input, env=os.environ.copy(), timeout=120)
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from cli_run import sllmctl
 from safetensors.torch import save_file
 
 from sllmctl.procs import alive
@@ -21,10 +20,6 @@ from sllmctl.procs import alive
 pytestmark = pytest.mark.daemon
 LONG_NAME = "a-model-with-a-name-long-enough-to-wrap-an-eighty-column-table-" + "x" * 30
 
-
-def sllmctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True,
-                          text=True, env=os.environ.copy(), timeout=120)
 
 
 def daemon_pid() -> int | None:

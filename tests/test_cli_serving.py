@@ -7,13 +7,13 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_run import free_port, sllmctl
 
 from sllmctl.procs import alive
 
@@ -23,15 +23,6 @@ pytestmark = [pytest.mark.daemon, pytest.mark.slow]
 MODEL = "smollm2-135m-instruct"
 
 
-def sllmctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True,
-                          text=True, env=os.environ.copy(), timeout=300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def served_rows() -> list[dict[str, object]]:

