@@ -15,11 +15,14 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 
 class SllmError(Exception):
     exit_code = EXIT_ERROR
+    code = "error"  # the `code` of the JSON error object printed under --json
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if code is not None:  # e.g. the daemon's own error code, passed on by a client
+            self.code = code
 
     def __str__(self) -> str:
         return self.message
@@ -28,18 +31,26 @@ class SllmError(Exception):
 class NotFound(SllmError):
     """A model name the store does not hold."""
 
+    code = "not_found"
+
 
 class AlreadyExists(SllmError):
     """A model name already taken (convert without --force)."""
+
+    code = "already_exists"
 
 
 class CorruptCheckpoint(SllmError):
     """Stored bytes that do not match their checksums, or a manifest that cannot be read."""
 
+    code = "corrupt"
+
 
 class UsageError(SllmError):
     exit_code = EXIT_USAGE
+    code = "usage"
 
 
 class DaemonUnreachable(SllmError):
     exit_code = EXIT_DAEMON
+    code = "daemon_unreachable"

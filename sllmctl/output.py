@@ -31,6 +31,9 @@ _OS_HINTS = {
 }
 
 
+_json_printed = False  # a command printed its JSON document: an error then adds no second
+
+
 class Out:
     def __init__(self, json_mode: bool = False, quiet: bool = False) -> None:
         self.json = json_mode
@@ -41,7 +44,9 @@ class Out:
         return not (self.json or self.quiet) and sys.stderr.isatty()
 
     def result(self, data: Any, human: Callable[[], None] | None = None) -> None:
+        global _json_printed
         if self.json or human is None:
+            _json_printed = True
             sys.stdout.write(json.dumps(data, indent=None if not sys.stdout.isatty() else 1))
             sys.stdout.write("\n")
         elif not self.quiet:
@@ -88,10 +93,16 @@ def _ignore(_: int) -> None:
     return None
 
 
+NO_WRAP_WIDTH = 4096  # piped output: one row per line, whatever the terminal's width
+
+
 def stdout_console() -> Any:
+    """Rich console for data on stdout; when stdout is not a terminal it never wraps, so
+    `sllmctl ps | awk '{print $1}'` sees one row per line."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    width = None if sys.stdout.isatty() else NO_WRAP_WIDTH
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def stderr_console() -> Any:
@@ -115,24 +126,36 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def fail(exc: BaseException) -> NoReturn:
-    """Print one error line (and a hint) for `exc` and exit with its code."""
+def describe_error(exc: BaseException) -> tuple[str, str, str | None, int]:
+    """`exc` as (code, message, hint, exit code): the one table of what users see."""
+    if isinstance(exc, SllmError):
+        return exc.code, exc.message, exc.hint, exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", "interrupted", None, EXIT_INTERRUPTED
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return "os_error", f"{exc.strerror or exc}{where}", _OS_HINTS.get(exc.errno or 0), \
+            EXIT_ERROR
+    return ("internal", f"internal error: {type(exc).__name__}: {exc}",
+            "run again with SLLMCTL_DEBUG=1 for a traceback, and report it", EXIT_ERROR)
+
+
+def print_json_error(code: str, message: str, hint: str | None) -> None:
+    """The error as one JSON object on stdout, for scripts that asked for --json."""
+    error: dict[str, Any] = {"code": code, "message": message, "hint": hint}
+    sys.stdout.write(json.dumps({"error": error}) + "\n")
+    sys.stdout.flush()
+
+
+def fail(exc: BaseException, json_mode: bool = False) -> NoReturn:
+    """Print one error line (and a hint) for `exc` on stderr, and under --json the same as
+    one JSON object on stdout; exit with its code."""
     if os.environ.get("SLLMCTL_DEBUG"):
         traceback.print_exception(exc)
-    code = EXIT_ERROR
-    hint: str | None = None
-    if isinstance(exc, SllmError):
-        message, hint, code = exc.message, exc.hint, exc.exit_code
-    elif isinstance(exc, KeyboardInterrupt):
-        message, code = "interrupted", EXIT_INTERRUPTED
-    elif isinstance(exc, OSError):
-        where = f": {exc.filename}" if exc.filename else ""
-        message = f"{exc.strerror or exc}{where}"
-        hint = _OS_HINTS.get(exc.errno or 0)
-    else:
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        hint = "run again with SLLMCTL_DEBUG=1 for a traceback, and report it"
+    code, message, hint, exit_code = describe_error(exc)
+    if json_mode and not _json_printed:  # e.g. verify's failed report is the document
+        print_json_error(code, message, hint)
     print(f"error: {message}", file=sys.stderr)
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
-    sys.exit(code)
+    sys.exit(exit_code)

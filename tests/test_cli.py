@@ -10,12 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import sllmctl
 from safetensors.torch import save_file
-
-
-def sllmctl(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True,
-                          text=True, input=input, env=os.environ.copy(), timeout=120)
 
 
 @pytest.fixture

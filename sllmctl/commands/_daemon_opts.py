@@ -1,8 +1,9 @@
-"""Options of the commands that talk to the daemon."""
+"""Options and helpers of the commands that talk to the daemon."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import sys
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -12,3 +13,35 @@ AutostartOpt = Annotated[
                  help="Start the daemon if none runs (default: on; SLLMCTL_AUTOSTART=0 "
                  "turns it off)."),
 ]
+
+
+def connect_telling(autostart: bool | None, quiet: bool = False) -> Any:
+    """A client for the daemon, as `client.connect`; when this call had to start one, say so
+    in one line on stderr (a read-only command should not start a daemon silently)."""
+    import os
+
+    from sllmctl.wire import client
+
+    before = client.read_connection()
+    running = os.environ.get("SLLMCTL_DAEMON") or (before and client.alive(before.pid))
+    c = client.connect(autostart)
+    if not running and not quiet:
+        after = client.read_connection()
+        pid = after.pid if after else "?"
+        pool = _pool(c)
+        print(f"sllmctl: started a daemon (pid {pid}, DRAM pool {pool}); stop it with: "
+              "sllmctl daemon stop", file=sys.stderr)
+    return c
+
+
+def _pool(c: Any) -> str:
+    from sllmctl.errors import SllmError
+    from sllmctl.output import human_size
+
+    try:
+        dram = c.call("status").get("dram")
+    except SllmError:  # the notice must never turn a working command into a failing one
+        dram = None
+    if dram and dram.get("capacity"):
+        return human_size(dram["capacity"])
+    return "25 % of RAM, being set up"

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.output import Out, human_count, human_size
 
 NAME = "convert"
@@ -28,6 +28,7 @@ def command(
              "bf16/f16 weights, for disks slower than decoding (about 0.7-1 GB/s per core). "
              "Default: off; SLLMCTL_COMPRESS=1 or `compress = true` in the config file.")
     ] = None,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.output import Out
 
 NAME = "daemon"
@@ -34,6 +35,7 @@ def start(
     measure_bytes: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--measure-bytes", help="Bytes read to measure the disk at start (default: "
         "268435456).")] = None,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -77,6 +79,109 @@ def status(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     from sllmctl.wire import client
 
     info = client.connect(autostart=False).call("status")["daemon"]
+    log = f", log {info['log_file']}" if info.get("log_file") else ""
     Out(json, quiet).result(info, lambda: print(
         f"daemon {info['state']}: pid {info['pid']}, {info['endpoint']}, "
-        f"up {info['uptime_s']:.0f} s"))
+        f"up {info['uptime_s']:.0f} s{log}"))
+
+
+@app.command("restart")
+def restart(
+    listen: ListenOpt = None,
+    dram_pool: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--dram-pool", help="Pinned DRAM pool (default: the running daemon's).")] = None,
+    measure_bytes: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--measure-bytes", help="Bytes read to measure the disk at start (default: the "
+        "running daemon's).")] = None,
+    home: HomeOpt = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stop the daemon and start it again, with the options it ran with unless given."""
+    from sllmctl.wire import client, runtime
+
+    if listen:  # a bad --listen fails before the running daemon stops
+        runtime.listen_endpoint(listen)
+    conn = client.read_connection()
+    before = running_options(conn.pid if conn else None)
+    pid = client.stop()
+    c = client.start_detached(listen=listen or before.get("--listen"),
+                              dram_pool=dram_pool or before.get("--dram-pool"),
+                              measure_bytes=measure_bytes if measure_bytes is not None else
+                              _int(before.get("--measure-bytes")))
+    info = {**c.call("status")["daemon"], "stopped": pid}
+    Out(json, quiet).result(info, lambda: print(
+        (f"daemon stopped (pid {pid}); " if pid else "no daemon was running; ")
+        + f"running: pid {info['pid']}, {info['endpoint']}"))
+
+
+def running_options(pid: int | None) -> dict[str, str]:
+    """The options a running daemon was started with, read from its command line."""
+    if not pid:
+        return {}
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return {}
+    options: dict[str, str] = {}
+    for flag in ("--listen", "--dram-pool", "--measure-bytes"):
+        for i, arg in enumerate(argv[:-1]):
+            if arg == flag:
+                options[flag] = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                options[flag] = arg.split("=", 1)[1]
+    return options
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
+
+
+@app.command("logs")
+def logs(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing what the "
+                                         "daemon writes, until Ctrl-C.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Print the last N lines "
+                                       "(0: the whole log).")] = 50,
+    home: HomeOpt = None,
+) -> None:
+    """Print the daemon's log (the one a detached daemon writes in the runtime folder)."""
+    import sys
+    import time
+
+    path = log_path()
+    if not path.is_file():
+        from sllmctl.errors import SllmError
+
+        raise SllmError(f"no daemon log at {path}",
+                        hint="a detached daemon writes it: sllmctl daemon start")
+    with path.open("r", errors="replace") as f:
+        text = f.readlines()
+        sys.stdout.writelines(text[-lines:] if lines > 0 else text)
+        sys.stdout.flush()
+        while follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.25)
+
+
+def log_path() -> Path:
+    """The running daemon's log file as its status names it, else where a detached daemon
+    writes it (`daemon.log` in the runtime folder)."""
+    from sllmctl import paths
+    from sllmctl.errors import SllmError
+    from sllmctl.wire import client
+
+    conn = client.read_connection()
+    if conn and client.alive(conn.pid):
+        try:
+            s = client.connect(autostart=False).call("status")
+            found = s["daemon"].get("log_file") or s.get("log_file")
+            if found:
+                return Path(found)
+        except SllmError:
+            pass
+    return paths.runtime_dir() / "daemon.log"

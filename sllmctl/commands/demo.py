@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, quiet_opt
 from sllmctl.commands.convert import convert_and_report
 from sllmctl.commands.ls import command as ls_command
 from sllmctl.commands.run import stream_to_stdout
@@ -16,12 +16,14 @@ from sllmctl.output import Out
 
 NAME = "demo"
 QUESTION = "What is the capital of France?"
+QuietAnswer = Annotated[bool, quiet_opt("Print the answer alone.")]
 
 
 def command(
     force: Annotated[bool, typer.Option("--force", help="Convert it again.")] = False,
+    home: HomeOpt = None,
     json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietAnswer = False,
 ) -> None:
     """Convert the embedded demo model (SmolLM2-135M-Instruct GGUF), show it, ask it a
     question."""
@@ -50,8 +52,8 @@ def command(
     done = model.chat([{"role": "user", "content": QUESTION}], Params(max_tokens=64), stream)
     data["question"], data["answer"] = QUESTION, {**done.to_dict(),
                                                   "load_seconds": model.load_seconds}
-    if json or quiet:
+    if json:
         out.result(data)
-    else:
-        print()
+    else:  # streamed already, or -q: the answer alone
+        print(done.text if quiet else "")
 

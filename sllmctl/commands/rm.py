@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt, YesOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt, YesOpt
 from sllmctl.errors import SllmError
 from sllmctl.output import Out
 
@@ -18,6 +18,7 @@ def command(
     names: Annotated[list[str], typer.Argument(help="Model name(s).")],
     yes: YesOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go.")] = False,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

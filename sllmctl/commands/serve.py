@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt, seconds
 from sllmctl.commands._daemon_opts import AutostartOpt
 from sllmctl.output import Out
 
@@ -20,13 +20,15 @@ def command(
     host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told "
                                       "otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = DEFAULT_PORT,
-    keep_alive: Annotated[float, typer.Option("--keep-alive", help="Seconds an idle model "
-                                              "stays loaded; -1 keeps it.")] = 300,
+    keep_alive: Annotated[str, typer.Option("--keep-alive", help="How long an idle model "
+                                            "stays loaded: 300 (seconds), 30s, 5m, 1h; -1 "
+                                            "keeps it.")] = "5m",
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require this bearer "  # noqa: UP045
                                                    "token.", envvar="SLLMCTL_API_KEY")] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Return once the model is "
-                                         "served.")] = False,
+                                         "served (stop it with sllmctl unserve NAME).")] = False,
     autostart: AutostartOpt = None,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -34,28 +36,43 @@ def command(
     from sllmctl.wire.client import connect
 
     out = Out(json, quiet)
-    client = connect(autostart)
-    args: dict[str, Any] = {"name": name, "host": host, "port": port, "keep_alive": keep_alive,
+    args: dict[str, Any] = {"name": name, "host": host, "port": port,
+                            "keep_alive": seconds(keep_alive, "--keep-alive"),
                             "api_key": api_key}
-    with out.progress(f"loading {name}"):
-        result = client.call("serve", args)
-    out.result(result, lambda: print(
-        f"serving {name} at {result['endpoint']} (loaded from {result['tier']} in "
-        f"{result['load_seconds']:.2f} s)" + ("" if detach else "; Ctrl-C to stop"),
-        flush=True))
-    if detach:
-        return
-    seen = 0
+    client = connect(autostart)
     try:
-        while True:
-            time.sleep(1)
-            served = [s for s in client.call("status")["serving"] if s["name"] == name]
-            if not served:
-                out.info(f"{name} was unloaded (keep-alive or another command)")
-                return
-            if served[0]["requests"] != seen:
-                seen = served[0]["requests"]
-                out.info(f"{name}: {seen} request(s) so far")
+        with out.progress(f"loading {name}"):
+            result = client.call("serve", args)
+        out.result(result, lambda: print(
+            f"serving {name} at {result['endpoint']} (loaded from {result['tier']} in "
+            f"{result['load_seconds']:.2f} s)" + ("" if detach else "; Ctrl-C to stop"),
+            flush=True))
+        if not detach:
+            _follow(out, client, name)
     except KeyboardInterrupt:
+        _unserve(out, client, name)
+
+
+def _follow(out: Out, client: Any, name: str) -> None:
+    """Report requests until the model is unloaded elsewhere (Ctrl-C ends it here)."""
+    seen = 0
+    while True:
+        time.sleep(1)
+        served = [s for s in client.call("status")["serving"] if s["name"] == name]
+        if not served:
+            out.info(f"{name} was unloaded (keep-alive or another command)")
+            return
+        if served[0]["requests"] != seen:
+            seen = served[0]["requests"]
+            out.info(f"{name}: {seen} request(s) so far")
+
+
+def _unserve(out: Out, client: Any, name: str) -> None:
+    from sllmctl.errors import NotFound
+
+    try:
         client.call("unserve", {"name": name})
-        out.info(f"stopped serving {name}")
+    except NotFound:
+        out.info(f"{name} was not being served any more")
+        return
+    out.info(f"stopped serving {name}")

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.commands._daemon_opts import AutostartOpt
 from sllmctl.output import Out
 
@@ -18,6 +18,7 @@ def command(
     tier: Annotated[Optional[str], typer.Option("--tier", help="dram or gpu (default: "  # noqa: UP045
                                                  "both).")] = None,
     autostart: AutostartOpt = None,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

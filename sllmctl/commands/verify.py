@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.errors import CorruptCheckpoint
 from sllmctl.output import Out, human_size
 
@@ -15,6 +15,7 @@ NAME = "verify"
 
 def command(
     name: Annotated[str, typer.Argument(help="Model name.")],
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.commands._daemon_opts import AutostartOpt
 from sllmctl.output import Out, human_size
 
@@ -21,6 +21,7 @@ def command(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Return once resident, or as "
                                        "soon as the daemon accepts the job.")] = True,
     autostart: AutostartOpt = None,
+    home: HomeOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
