@@ -24,8 +24,8 @@ order. Bit b of a code is bit j % 8 of byte j // 8 of its plane b (j: its index 
 list). The head: first (3 bytes), second (7), 6 zero bytes, S and E (uint32). offsets[2k],
 offsets[2k + 1] (uint32): the number of words coded 3, and of escapes, among words
 [0, 4096 k). The manifest's frame length z is everything after r (so a frame is stored in
-align_up(n/2 + z) bytes, as in split-zstd); 0 means a plain frame. docs/format.md (exp23, version 4) is the
-specification.
+align_up(n/2 + z) bytes, as in split-zstd); 0 means a plain frame. docs/format.md (exp23,
+version 4) is the specification.
 """
 
 from __future__ import annotations
