@@ -36,95 +36,12 @@
 #include <unistd.h>
 
 #define FASTIO_ABI 1 /* twin.ABI; bump both when a signature or result changes */
-#define PAGE_WORDS 512
-#define PAGE_BYTES (8 * PAGE_WORDS)
 #define MAX_IO ((size_t)1 << 30) /* bytes per pread call (Linux stops near 2 GiB); 4096-aligned */
 #define HOT_READ ((size_t)1 << 20) /* read_verify sub-read on buffered fds: still in L2 when summed */
 #define DEFAULT_PIECE ((Py_ssize_t)8 << 20)
 
-/* ---------------------------------------------------------------- sum64x2 */
-
-typedef struct {
-    uint64_t s1, s2, pages;
-} sum_state;
-
-static inline uint64_t load_le64(const unsigned char *p)
-{
-    uint64_t v;
-    memcpy(&v, p, 8); /* an unaligned load on x86 and arm64 */
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    v = __builtin_bswap64(v);
-#endif
-    return v;
-}
-
-/* Sum of nwords words; eight independent accumulators so that -O3 vectorizes it. */
-static uint64_t word_sum(const unsigned char *p, size_t nwords)
-{
-    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
-    size_t i = 0;
-    for (; i + 8 <= nwords; i += 8, p += 64) {
-        a0 += load_le64(p);
-        a1 += load_le64(p + 8);
-        a2 += load_le64(p + 16);
-        a3 += load_le64(p + 24);
-        a4 += load_le64(p + 32);
-        a5 += load_le64(p + 40);
-        a6 += load_le64(p + 48);
-        a7 += load_le64(p + 56);
-    }
-    for (; i < nwords; i++, p += 8)
-        a0 += load_le64(p);
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
-}
-
-static inline void add_page(sum_state *st, uint64_t page)
-{
-    st->pages++;
-    st->s1 += page;
-    st->s2 += st->pages * page;
-}
-
-/* Feeds n bytes. Every call but the last must pass a multiple of PAGE_BYTES. */
-static void sum_update(sum_state *st, const unsigned char *p, size_t n)
-{
-    for (; n >= PAGE_BYTES; p += PAGE_BYTES, n -= PAGE_BYTES)
-        add_page(st, word_sum(p, PAGE_WORDS));
-    if (n) {
-        uint64_t page = word_sum(p, n / 8);
-        size_t tail = n % 8;
-        if (tail) {
-            unsigned char w[8] = {0};
-            memcpy(w, p + n - tail, tail);
-            page += load_le64(w);
-        }
-        add_page(st, page);
-    }
-}
-
-static PyObject *sum_hex(const sum_state *st)
-{
-    char text[33];
-    snprintf(text, sizeof text, "%016" PRIx64 "%016" PRIx64, st->s1, st->s2);
-    return PyUnicode_FromStringAndSize(text, 32);
-}
-
-/* A list of the hex sums of the first n states. */
-static PyObject *sum_list(const sum_state *sums, size_t n)
-{
-    PyObject *list = PyList_New((Py_ssize_t)n);
-    if (!list)
-        return NULL;
-    for (size_t i = 0; i < n; i++) {
-        PyObject *s = sum_hex(&sums[i]);
-        if (!s) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, (Py_ssize_t)i, s);
-    }
-    return list;
-}
+#include "sum64x2.h"
+#include "fastio_args.h"
 
 /* ---------------------------------------------------------------- reads */
 
@@ -280,68 +197,6 @@ static int read_job(job_t *j, int threads, size_t *total)
     }
     *total = contiguous(j);
     return 0;
-}
-
-/* ---------------------------------------------------------------- arguments */
-
-static int conv_addr(PyObject *o, void *out)
-{
-    PyObject *index = PyNumber_Index(o);
-    if (!index)
-        return 0;
-    unsigned long long v = PyLong_AsUnsignedLongLong(index);
-    Py_DECREF(index);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
-            PyErr_Clear();
-            PyErr_SetString(PyExc_ValueError, "addr must be a non-negative 64-bit address");
-        }
-        return 0;
-    }
-    *(uintptr_t *)out = (uintptr_t)v;
-    return 1;
-}
-
-/* The checks twin._check makes, in the same order and with the same messages. */
-static int check_span(uintptr_t addr, Py_ssize_t length, long long offset)
-{
-    if (length < 0) {
-        PyErr_SetString(PyExc_ValueError, "length must be >= 0");
-        return -1;
-    }
-    if (offset < 0) {
-        PyErr_SetString(PyExc_ValueError, "offset must be >= 0");
-        return -1;
-    }
-    if (addr == 0 && length > 0) {
-        PyErr_SetString(PyExc_ValueError, "addr is NULL");
-        return -1;
-    }
-    return 0;
-}
-
-static int check_positive(Py_ssize_t v, const char *message)
-{
-    if (v > 0)
-        return 0;
-    PyErr_SetString(PyExc_ValueError, message);
-    return -1;
-}
-
-static int check_chunk(Py_ssize_t chunk_size)
-{
-    if (chunk_size > 0 && chunk_size % 8 == 0)
-        return 0;
-    PyErr_SetString(PyExc_ValueError, "chunk_size must be a positive multiple of 8");
-    return -1;
-}
-
-static int check_words(Py_ssize_t length)
-{
-    if (length % 8 == 0)
-        return 0;
-    PyErr_SetString(PyExc_ValueError, "length must be a multiple of 8");
-    return -1;
 }
 
 /* ---------------------------------------------------------------- functions */
