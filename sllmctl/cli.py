@@ -16,7 +16,9 @@ from sllmctl import __version__, paths
 from sllmctl.commands import (
     convert,
     daemon,
+    daemon_keys,
     demo,
+    hosts,
     ls,
     rm,
     run,
@@ -43,6 +45,10 @@ for module in (convert, ls, show, rm, verify, warm, unload, status, serve, run, 
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)
+# issue 15 (h/remote): keys, reload and the hosts file
+daemon.app.command("keys")(daemon_keys.keys)
+daemon.app.command("reload")(daemon_keys.reload)
+app.add_typer(hosts.app, name=hosts.NAME)
 
 
 def _version(value: bool) -> None:

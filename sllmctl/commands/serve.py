@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sllmctl.commands._common import JsonOpt, QuietOpt
-from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands._daemon_opts import AutostartOpt, DaemonHostOpt
 from sllmctl.output import Out
 
 NAME = "serve"
@@ -27,6 +27,7 @@ def command(
     detach: Annotated[bool, typer.Option("--detach", help="Return once the model is "
                                          "served.")] = False,
     autostart: AutostartOpt = None,
+    daemon_host: DaemonHostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from sllmctl.commands._common import JsonOpt, QuietOpt
-from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands._daemon_opts import AutostartOpt, HostOpt
 from sllmctl.output import Out, human_size
 
 NAME = "status"
@@ -28,6 +28,7 @@ def command(
     measure: Annotated[bool, typer.Option("--measure", help="Measure the host's bandwidths "
                                           "again first.")] = False,
     autostart: AutostartOpt = None,
+    host: HostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -36,7 +37,8 @@ def command(
     Out(json, quiet).result(s, lambda: _print_status(s))
 
 
-def ps(autostart: AutostartOpt = None, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+def ps(autostart: AutostartOpt = None, host: HostOpt = None, json: JsonOpt = False,
+       quiet: QuietOpt = False) -> None:
     """List resident models (per tier) and loads in flight."""
     s = fetch(autostart)
     rows = models(s)

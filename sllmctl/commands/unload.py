@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sllmctl.commands._common import JsonOpt, QuietOpt
-from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands._daemon_opts import AutostartOpt, HostOpt
 from sllmctl.output import Out
 
 NAME = "unload"
@@ -18,6 +18,7 @@ def command(
     tier: Annotated[Optional[str], typer.Option("--tier", help="dram or gpu (default: "  # noqa: UP045
                                                  "both).")] = None,
     autostart: AutostartOpt = None,
+    host: HostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sllmctl.commands._common import JsonOpt, QuietOpt
-from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands._daemon_opts import AutostartOpt, HostOpt
 from sllmctl.output import Out, human_size
 
 NAME = "warm"
@@ -21,6 +21,7 @@ def command(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Return once resident, or as "
                                        "soon as the daemon accepts the job.")] = True,
     autostart: AutostartOpt = None,
+    host: HostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
