@@ -318,7 +318,7 @@ def _stop_remote(client: Client, timeout: float) -> int | None:
     while time.monotonic() < deadline:
         try:
             client.call("status", first_answer=0.5)
-        except DaemonUnreachable:
+        except (DaemonUnreachable, keys.Refused):  # a closing socket fails the handshake
             return pid
         time.sleep(0.1)
     raise SllmError(f"{client.where} still answers {timeout:.0f} s after shutdown",
