@@ -227,3 +227,34 @@ def test_fuzz_authentication(live: Live) -> None:
     assert alive(live.pid) and s["daemon"]["pid"] == live.pid
     assert stats["cases"] >= COUNT * 0.9 and stats["internal"] == 0
     assert after - before < 32 << 20, (before, after)  # flat: no per-connection leak
+
+
+def test_sighup_and_reload_take_rights_at_once(live: Live) -> None:
+    """On connections that stay open: a key removed and reloaded (SIGHUP) is refused at its
+    next request; a malformed list on reload is an error and the list in force stays."""
+    allow = Path(live.env["SLLMCTL_HOME"]) / "keys" / keys.ALLOW_LIST
+    kept = allow.read_text()
+
+    def status_as(who: str) -> dict[str, Any]:
+        return live.ask(who, [json.dumps({"v": 1, "id": secrets.token_hex(8), "op": "status",
+                                          "args": {}}).encode()])
+
+    assert status_as("rita")["status"] == "ok"
+    allow.write_text("".join(ln + "\n" for ln in kept.splitlines() if not ln.endswith("rita")))
+    os.kill(live.pid, signal.SIGHUP)
+    for _ in range(50):  # the loop reloads within its 0.2 s poll
+        answer = status_as("rita")
+        if answer["status"] == "error":
+            break
+        time.sleep(0.1)
+    assert answer["error"]["code"] == codes.FORBIDDEN
+    assert "no longer in the allow-list" in answer["error"]["message"]
+    allow.write_text(kept + "garbage\n")
+    answer = live.ask("ann", [json.dumps({"v": 1, "id": "rl", "op": "reload", "args": {}})
+                              .encode()])
+    assert answer["status"] == "error" and "line 4" in answer["error"]["message"]
+    assert status_as("rita")["status"] == "error"  # the list in force stayed
+    allow.write_text(kept)
+    answer = live.ask("ann", [json.dumps({"v": 1, "id": "rl2", "op": "reload", "args": {}})
+                              .encode()])
+    assert answer["result"]["keys"] == 3 and status_as("rita")["status"] == "ok"
