@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_fuzz_daemon import Live as PlainLive
 from zmq.utils import z85
 
 from sllmctl.procs import alive
@@ -118,11 +118,7 @@ class Live:
         for _, sock in self.socks.values():
             sock.close(linger=0)
         self.ctx.term()
-        subprocess.run([sys.executable, "-m", "sllmctl", "daemon", "stop"], env=self.env,
-                       capture_output=True, timeout=60)
-        if alive(self.pid):
-            os.kill(self.pid, signal.SIGKILL)
-        shutil.rmtree(self.run, ignore_errors=True)
+        PlainLive.stop(self)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
