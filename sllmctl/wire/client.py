@@ -42,6 +42,7 @@ from sllmctl.wire.runtime import (
 FIRST_ANSWER_S = 1.5
 SILENCE_S = 5.0  # a long job that sends nothing for this long is taken as hung
 START_S = 20.0
+MAX_REPLY = 16 << 20  # bytes: a larger frame from the daemon drops the connection
 
 
 def autostart_enabled(flag: bool | None = None) -> bool:
@@ -87,6 +88,7 @@ class Client:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))  # a failed handshake: no peer
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)  # a remote daemon is a trust boundary too
         if self.remote is None:
             sock.connect(self.endpoint)
             return sock
