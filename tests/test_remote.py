@@ -170,6 +170,9 @@ def test_keys_and_roles_across_namespaces(site: Site) -> None:
     # and ann stops it from afar
     assert site.json("ann", "daemon", "stop", "--host", "h0")["stopped"] == site.daemon.pid
     assert site.daemon.wait(timeout=30) == 0
+    r = site.sllmctl("ann", "status", "--host", "h0")  # nobody there: exit 3, within the deadline
+    assert r.returncode == 3 and r.stderr.startswith(
+        f"error: h0 (tcp://10.77.0.1:{PORT}) did not answer within"), r.stderr
 
 
 def test_plain_zeromq_client_gets_nothing(site: Site) -> None:
