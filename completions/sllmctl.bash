@@ -9,11 +9,11 @@ _sllmctl() {
     local cmd="" i w
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${COMP_WORDS[i]}"
-        case " --name -n --dtype --home --lines --listen --dram-pool --measure-bytes --system --max-tokens --temperature --top-p --top-k --seed --stop --device --host --port --keep-alive --api-key --tier --gpu " in *" $w "*) ((i++)); continue ;; esac
+        case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $w "*) ((i++)); continue ;; esac
         case "$w" in -*) continue ;; esac
         if [ -z "$cmd" ]; then
             cmd="$w"
-            case " daemon " in *" $w "*) ;; *) break ;; esac
+            case " daemon hosts " in *" $w "*) ;; *) break ;; esac
         else
             cmd="$cmd $w"; break
         fi
@@ -26,35 +26,42 @@ _sllmctl() {
     case " --home " in *" $prev "*)
         compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
-    case " --name -n --dtype --home --lines --listen --dram-pool --measure-bytes --system --max-tokens --temperature --top-p --top-k --seed --stop --device --host --port --keep-alive --api-key --tier --gpu " in *" $prev "*) COMPREPLY=(); return ;; esac
+    case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $prev "*) COMPREPLY=(); return ;; esac
     if [ -z "$cmd" ]; then
-        COMPREPLY=($(compgen -W "completion convert daemon demo ls ps rm run serve show status unload unserve verify warm --home --version --help" -- "$cur"))
+        COMPREPLY=($(compgen -W "completion convert daemon demo hosts ls ps rm run serve show status unload unserve verify warm --home --version --help" -- "$cur"))
         return
     fi
     case "$cmd" in
-        daemon) COMPREPLY=($(compgen -W "logs restart start status stop --help" -- "$cur")); return ;;
+        daemon) COMPREPLY=($(compgen -W "keys logs reload restart start status stop --help" -- "$cur")); return ;;
+        hosts) COMPREPLY=($(compgen -W "add key ls rm --help" -- "$cur")); return ;;
     esac
     local opts="" arg=none
     case "$cmd" in
         "completion") opts='--help'; arg=path ;;
         "convert") opts='--name -n --dtype --force --compress --no-compress --home --json --quiet -q --help'; arg=path ;;
+        "daemon keys") opts='--show --json --quiet -q --help'; arg=none ;;
         "daemon logs") opts='--follow -f --lines -n --home --help'; arg=none ;;
+        "daemon reload") opts='--host --json --quiet -q --help'; arg=none ;;
         "daemon restart") opts='--listen --dram-pool --measure-bytes --home --json --quiet -q --help'; arg=none ;;
-        "daemon start") opts='--foreground --listen --dram-pool --measure-bytes --home --json --quiet -q --help'; arg=none ;;
-        "daemon status") opts='--json --quiet -q --help'; arg=none ;;
-        "daemon stop") opts='--json --quiet -q --help'; arg=none ;;
+        "daemon start") opts='--foreground --listen --dram-pool --measure-bytes --home --keys --insecure --json --quiet -q --help'; arg=none ;;
+        "daemon status") opts='--host --json --quiet -q --help'; arg=none ;;
+        "daemon stop") opts='--host --json --quiet -q --help'; arg=none ;;
         "demo") opts='--force --home --json --quiet -q --help'; arg=none ;;
+        "hosts add") opts='--key --json --quiet -q --help'; arg=model ;;
+        "hosts key") opts='--json --quiet -q --help'; arg=none ;;
+        "hosts ls") opts='--json --quiet -q --help'; arg=none ;;
+        "hosts rm") opts='--json --quiet -q --help'; arg=model ;;
         "ls") opts='--home --json --quiet -q --help'; arg=none ;;
-        "ps") opts='--autostart --no-autostart --home --json --quiet -q --help'; arg=none ;;
+        "ps") opts='--autostart --no-autostart --home --host --json --quiet -q --help'; arg=none ;;
         "rm") opts='--yes -y --dry-run --home --json --quiet -q --help'; arg=model ;;
         "run") opts='--system --max-tokens --temperature --top-p --top-k --seed --stop --device --home --json --quiet -q --help'; arg=model ;;
-        "serve") opts='--host --port --keep-alive --api-key --detach --autostart --no-autostart --home --json --quiet -q --help'; arg=model ;;
+        "serve") opts='--host --port --keep-alive --api-key --detach --autostart --no-autostart --home --daemon-host --json --quiet -q --help'; arg=model ;;
         "show") opts='--tensors --home --json --quiet -q --help'; arg=model ;;
-        "status") opts='--measure --autostart --no-autostart --home --json --quiet -q --help'; arg=none ;;
-        "unload") opts='--tier --autostart --no-autostart --home --json --quiet -q --help'; arg=model ;;
-        "unserve") opts='--home --json --quiet -q --help'; arg=model ;;
+        "status") opts='--measure --autostart --no-autostart --home --host --json --quiet -q --help'; arg=none ;;
+        "unload") opts='--tier --autostart --no-autostart --home --host --json --quiet -q --help'; arg=model ;;
+        "unserve") opts='--home --host --json --quiet -q --help'; arg=model ;;
         "verify") opts='--home --json --quiet -q --help'; arg=model ;;
-        "warm") opts='--tier --gpu --wait --no-wait --autostart --no-autostart --home --json --quiet -q --help'; arg=model ;;
+        "warm") opts='--tier --gpu --wait --no-wait --autostart --no-autostart --home --host --json --quiet -q --help'; arg=model ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -15,7 +15,9 @@ from sllmctl.commands import (
     completion,
     convert,
     daemon,
+    daemon_keys,
     demo,
+    hosts,
     ls,
     rm,
     run,
@@ -46,6 +48,10 @@ for module in (convert, ls, show, rm, verify, warm, unload, status, serve, unser
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)
+# issue 15 (h/remote): keys, reload and the hosts file
+daemon.app.command("keys")(daemon_keys.keys)
+daemon.app.command("reload")(daemon_keys.reload)
+app.add_typer(hosts.app, name=hosts.NAME)
 
 
 def _version(value: bool) -> None:

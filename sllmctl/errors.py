@@ -10,6 +10,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # a known error: bad input, missing model, corrupt data
 EXIT_USAGE = 2  # bad command line (typer/click's own code)
 EXIT_DAEMON = 3  # the daemon is down or did not answer in time
+EXIT_REFUSED = 4  # a daemon refused this client's key, or the key's role may not do that
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 

@@ -17,7 +17,7 @@ import zmq
 from curve_echo import EchoServer, ask
 from zmq.utils import z85
 
-from sllmctl.errors import SllmError
+from sllmctl.errors import EXIT_REFUSED, SllmError
 from sllmctl.wire import keys
 
 DEADLINE_MS = 1500
@@ -144,7 +144,7 @@ def test_unknown_key_refused_and_logged(server: EchoServer, tmp_path: Path,
 def test_refusal_error_names_host_key_and_fix(tmp_path: Path) -> None:
     ann = keys.create_keys(tmp_path, "client")
     err = keys.refused("gpu1", "tcp://10.0.0.2:7070", ann)
-    assert err.exit_code == keys.EXIT_REFUSED == 4
+    assert err.exit_code == EXIT_REFUSED == 4
     assert err.message.startswith(f"gpu1 (tcp://10.0.0.2:7070) refused this client's key "
                                   f"{ann.fingerprint}")
     assert err.hint is not None and ann.public in err.hint and "daemon reload" in err.hint

@@ -31,6 +31,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
               "api_key": "k"},
     "unserve": {"name": "m"},
     "shutdown": {},
+    "reload": {},
 }
 
 # per op: (field, bad value) pairs, each of which must be refused naming the field
@@ -54,7 +55,7 @@ MALFORMED: list[tuple[str, str, Any]] = [
 
 def test_ops_are_one_table() -> None:
     assert set(messages.OPS) == set(EXAMPLES)
-    assert {"status", "shutdown"} == messages.FAST_OPS
+    assert {"status", "shutdown", "reload"} == messages.FAST_OPS
     for m in messages.MESSAGES.values():
         assert m.roles and m.roles <= {messages.ADMIN, messages.PEER, messages.READ}
 

@@ -23,7 +23,8 @@ def connect_telling(autostart: bool | None, quiet: bool = False) -> Any:
     from sllmctl.wire import client
 
     before = client.read_connection()
-    running = os.environ.get("SLLMCTL_DAEMON") or (before and client.alive(before.pid))
+    running = (os.environ.get("SLLMCTL_DAEMON") or client.selected_host() is not None
+               or (before and client.alive(before.pid)))  # a remote daemon is never started
     c = client.connect(autostart)
     if not running and not quiet:
         after = client.read_connection()
@@ -45,3 +46,24 @@ def _pool(c: Any) -> str:
     if dram and dram.get("capacity"):
         return human_size(dram["capacity"])
     return "25 % of RAM, being set up"
+# --- issue 15: which daemon (h/remote) -------------------------------------------------------
+def _select_host(value: Optional[str]) -> Optional[str]:  # noqa: UP045
+    from sllmctl.wire.client import select_host
+
+    select_host(value)  # None too: a flag of an earlier in-process call does not stick
+    return value
+
+
+HOST_HELP = ("Talk to this daemon of the hosts file instead of this host's (see `sllmctl hosts "
+             "ls`; default: SLLMCTL_HOST, else this host).")
+HostOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--host", metavar="NAME", help=HOST_HELP, callback=_select_host,
+                 is_eager=True),
+]
+# serve's --host is the HTTP address it listens on; there the daemon is --daemon-host
+DaemonHostOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--daemon-host", metavar="NAME", help=HOST_HELP, callback=_select_host,
+                 is_eager=True),
+]

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
+from sllmctl.commands._daemon_opts import HostOpt
 from sllmctl.output import Out
 
 NAME = "daemon"
@@ -16,8 +17,8 @@ app = typer.Typer(help="Start, stop or inspect this host's daemon.", no_args_is_
 ListenOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--listen", help="TCP HOST:PORT instead of the ipc socket (e.g. "
-                 "127.0.0.1:7070). The protocol has no authentication: keep it on loopback "
-                 "or a trusted network."),
+                 "127.0.0.1:7070). Beyond loopback it needs the host's keys (`sllmctl daemon "
+                 "keys`) or --insecure."),
 ]
 PoolOpt = Annotated[
     Optional[str],  # noqa: UP045
@@ -36,6 +37,11 @@ def start(
         "--measure-bytes", help="Bytes read to measure the disk at start (default: "
         "268435456).")] = None,
     home: HomeOpt = None,
+    use_keys: Annotated[bool, typer.Option("--keys", help="Require CURVE keys and the "
+                                           "allow-list on loopback or ipc too.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Listen beyond loopback "
+                                           "without keys (anyone who reaches it may do "
+                                           "everything).")] = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -55,16 +61,26 @@ def start(
                             hint="sllmctl daemon stop")
         from sllmctl.daemon.server import run
 
-        run(endpoint, dram_pool or "25%", 256 << 20 if measure_bytes is None else measure_bytes)
+        run(endpoint, dram_pool or "25%", 256 << 20 if measure_bytes is None else measure_bytes,
+            use_keys, insecure)
         return
-    c = client.start_detached(listen=listen, dram_pool=dram_pool, measure_bytes=measure_bytes)
+    from sllmctl.daemon.guard import plan
+
+    mode = plan(endpoint or runtime.default_endpoint(), use_keys, insecure)  # before starting
+    if mode == "insecure" and not quiet:
+        import sys
+
+        print(f"warning: the daemon listens on {endpoint} without keys (--insecure): anyone "
+              "who reaches it may do everything", file=sys.stderr)
+    c = client.start_detached(listen=listen, dram_pool=dram_pool, measure_bytes=measure_bytes,
+                              security=["--keys"] * use_keys + ["--insecure"] * insecure)
     info = c.call("status")["daemon"]
     Out(json, quiet).result(info, lambda: print(
         f"daemon running: pid {info['pid']}, {info['endpoint']}"))
 
 
 @app.command("stop")
-def stop(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+def stop(host: HostOpt = None, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Stop the daemon (models in its tiers are unloaded; the store is untouched)."""
     from sllmctl.wire import client
 
@@ -74,7 +90,7 @@ def stop(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
 
 
 @app.command("status")
-def status(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+def status(host: HostOpt = None, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Say whether the daemon runs and answers (never starts one; exit 3 if it is down)."""
     from sllmctl.wire import client
 
@@ -108,7 +124,8 @@ def restart(
     c = client.start_detached(listen=listen or before.get("--listen"),
                               dram_pool=dram_pool or before.get("--dram-pool"),
                               measure_bytes=measure_bytes if measure_bytes is not None else
-                              _int(before.get("--measure-bytes")))
+                              _int(before.get("--measure-bytes")),
+                              security=[f for f in ("--keys", "--insecure") if f in before])
     info = {**c.call("status")["daemon"], "stopped": pid}
     Out(json, quiet).result(info, lambda: print(
         (f"daemon stopped (pid {pid}); " if pid else "no daemon was running; ")
@@ -124,6 +141,7 @@ def running_options(pid: int | None) -> dict[str, str]:
     except OSError:
         return {}
     options: dict[str, str] = {}
+    options.update({flag: "" for flag in ("--keys", "--insecure") if flag in argv})
     for flag in ("--listen", "--dram-pool", "--measure-bytes"):
         for i, arg in enumerate(argv[:-1]):
             if arg == flag:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt, seconds
-from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands._daemon_opts import AutostartOpt, DaemonHostOpt
 from sllmctl.output import Out
 
 NAME = "serve"
@@ -29,6 +29,7 @@ def command(
                                          "served (stop it with sllmctl unserve NAME).")] = False,
     autostart: AutostartOpt = None,
     home: HomeOpt = None,
+    daemon_host: DaemonHostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

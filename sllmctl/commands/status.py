@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt, quiet_opt
-from sllmctl.commands._daemon_opts import AutostartOpt, connect_telling
+from sllmctl.commands._daemon_opts import AutostartOpt, HostOpt, connect_telling
 from sllmctl.durations import format_duration
 from sllmctl.output import Out, human_size
 
@@ -28,6 +28,7 @@ def command(
                                           "again first.")] = False,
     autostart: AutostartOpt = None,
     home: HomeOpt = None,
+    host: HostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -40,8 +41,8 @@ QuietNames = Annotated[bool, quiet_opt(
     "Print the names of resident and served models only, one a line.")]
 
 
-def ps(autostart: AutostartOpt = None, home: HomeOpt = None, json: JsonOpt = False,
-       quiet: QuietNames = False) -> None:
+def ps(autostart: AutostartOpt = None, home: HomeOpt = None, host: HostOpt = None,
+       json: JsonOpt = False, quiet: QuietNames = False) -> None:
     """List resident and served models (per tier, with keep-alive expiry) and loads in
     flight."""
     s = fetch(autostart, quiet=quiet and not json)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
-from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands._daemon_opts import AutostartOpt, HostOpt
 from sllmctl.output import Out
 
 NAME = "unload"
@@ -19,6 +19,7 @@ def command(
                                                  "both).")] = None,
     autostart: AutostartOpt = None,
     home: HomeOpt = None,
+    host: HostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
+from sllmctl.commands._daemon_opts import HostOpt
 from sllmctl.output import Out
 
 NAME = "unserve"
@@ -15,6 +16,7 @@ NAME = "unserve"
 def command(
     name: Annotated[str, typer.Argument(help="Model name.")],
     home: HomeOpt = None,
+    host: HostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
-from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands._daemon_opts import AutostartOpt, HostOpt
 from sllmctl.output import Out, human_size
 
 NAME = "warm"
@@ -22,6 +22,7 @@ def command(
                                        "soon as the daemon accepts the job.")] = True,
     autostart: AutostartOpt = None,
     home: HomeOpt = None,
+    host: HostOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

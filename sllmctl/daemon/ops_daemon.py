@@ -1,4 +1,4 @@
-"""The operations on the daemon itself: ping, status, shutdown."""
+"""The operations on the daemon itself: ping, status, shutdown, reload."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sllmctl._version import __version__
 from sllmctl.daemon.state import Progress, State
 from sllmctl.store.store import Store
 from sllmctl.wire.envelope import PROTOCOL_VERSION
-from sllmctl.wire.messages import Ping, Shutdown, Status
+from sllmctl.wire.messages import Ping, Reload, Shutdown, Status
 
 
 def ping(state: State, msg: Ping, progress: Progress) -> dict[str, Any]:
@@ -26,6 +26,12 @@ def ping(state: State, msg: Ping, progress: Progress) -> dict[str, Any]:
 def shutdown(state: State, msg: Shutdown, progress: Progress) -> dict[str, Any]:
     state.stop.set()
     return {"stopping": True, "pid": os.getpid()}
+
+
+def reload(state: State, msg: Reload, progress: Progress) -> dict[str, Any]:
+    """Read the allow-list again; a malformed one is an error and the list in force stays."""
+    result: dict[str, Any] = state.guard.reload()
+    return result
 
 
 def status(state: State, msg: Status, progress: Progress) -> dict[str, Any]:
@@ -49,6 +55,7 @@ def status(state: State, msg: Status, progress: Progress) -> dict[str, Any]:
                    "uptime_s": round(time.time() - state.started, 3),
                    "state": "ready" if ready else (state.init_error or "starting"),
                    "store": str(paths.models_dir()), "log_file": state.log_file,
+                   "security": state.guard.describe() if state.guard else {"mode": "local"},
                    "settings": {"endpoint": s.endpoint, "dram_pool": s.dram_pool,
                                 "dram_pool_bytes": s.dram_pool_bytes,
                                 "measure_bytes": s.measure_bytes}},

@@ -4,7 +4,8 @@ Fast operations are answered in the socket loop; long jobs run on a bounded pool
 threads that stream progress back through an inproc socket. Whatever a message holds, the
 loop answers it with a reply (an error code for anything malformed, `internal` for an
 exception nobody expected) and keeps serving. The state every handler acts on is one
-`State` (state.py).
+`State` (state.py). Who may ask what is the Guard's (guard.py): with keys, every request's
+sender role is checked against its operation's before its arguments are even read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import zmq
 
 from sllmctl import paths
-from sllmctl.daemon import ops_daemon, ops_serving, ops_tiers
+from sllmctl.daemon import guard, ops_daemon, ops_serving, ops_tiers
 from sllmctl.daemon.bandwidth import sweep
 from sllmctl.daemon.sizes import dram_pool
 from sllmctl.daemon.state import Job, Settings, State
@@ -54,6 +55,7 @@ HANDLERS: dict[str, Handler] = {
     "ping": ops_daemon.ping,
     "status": ops_daemon.status,  # fast
     "shutdown": ops_daemon.shutdown,  # fast
+    "reload": ops_daemon.reload,  # fast: the allow-list, as SIGHUP
     "warm": ops_tiers.warm,
     "unload": ops_tiers.unload,
     "measure": ops_tiers.measure,
@@ -64,7 +66,7 @@ assert set(HANDLERS) == set(messages.OPS)
 
 
 class Daemon:
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, mode: guard.Mode = "local") -> None:
         self.state = state
         endpoint = state.settings.endpoint
         self.ctx = zmq.Context()
@@ -73,8 +75,15 @@ class Daemon:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)  # larger: the peer is dropped
         try:
+            self.guard = state.guard = guard.secure(self.ctx, self.router, mode, endpoint)
+        except BaseException:
+            self.ctx.destroy(linger=0)
+            raise
+        self.hup = threading.Event()  # SIGHUP: reload the allow-list in the loop
+        try:
             self.router.bind(endpoint)
         except zmq.ZMQError as e:
+            self.guard.stop()
             self.ctx.destroy(linger=500)  # let the reply to `shutdown` go out
             hint = ("another program uses that address; pick another --listen port"
                     if e.errno == zmq.EADDRINUSE else "check --listen")
@@ -96,12 +105,16 @@ class Daemon:
         log.info("listening on %s (pid %d)", self.state.settings.endpoint, os.getpid())
         while not self.state.stop.is_set():
             events = dict(poller.poll(200))
+            if self.hup.is_set():
+                self._reload()
             if self.replies in events:
                 self._forward_replies()
             if self.router in events:
                 for _ in range(BATCH):
                     try:
-                        identity, *frames = self.router.recv_multipart(zmq.NOBLOCK)
+                        # copy=False: the frames carry the sender's User-Id (its key)
+                        identity, *frames = self.router.recv_multipart(zmq.NOBLOCK,
+                                                                       copy=False)
                     except zmq.Again:
                         break
                     try:
@@ -117,12 +130,22 @@ class Daemon:
             except zmq.Again:
                 return
 
-    def _answer(self, identity: bytes, frames: list[bytes]) -> None:
+    def _reload(self) -> None:
+        self.hup.clear()
+        try:
+            log.info("SIGHUP: %s", self.guard.reload())
+        except SllmError as e:  # the list in force stays
+            log.error("SIGHUP: the allow-list was not reloaded: %s", e.message)
+
+    def _answer(self, id_frame: zmq.Frame, received: list[zmq.Frame]) -> None:
         """Answer one request; nothing it holds may stop the loop."""
         rid: str | None = None
+        identity = id_frame.bytes
         try:
+            frames = [f.bytes for f in received]
             env = Envelope.decode(frames, messages.OPS)
             rid = env.id
+            self.guard.check(env.op, messages.MESSAGES[env.op].roles, received[-1])
             msg = messages.decode(env.op, env.args)
             self._dispatch(identity, rid, msg)
         except Refused as e:
@@ -205,6 +228,8 @@ class Daemon:
         self.workers.shutdown(wait=False, cancel_futures=True)
         sweep(paths.models_dir(), mine=True)  # a measurement cut short
         remove_connection_file()
+        self.router.close(linger=0)
+        self.guard.stop()
         endpoint = self.state.settings.endpoint
         if endpoint.startswith("ipc://"):
             Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
@@ -227,10 +252,13 @@ def _answers(endpoint: str) -> bool:
     return True
 
 
-def run(endpoint: str | None, pool: str, measure_bytes: int) -> None:
+def run(endpoint: str | None, pool: str, measure_bytes: int, want_keys: bool = False,
+        insecure: bool = False) -> None:
     """Run the daemon in this process until SIGTERM, SIGINT or a shutdown request. Bad
-    settings are refused before anything is bound."""
+    settings (and a TCP address beyond loopback without keys) are refused before anything
+    is bound; SIGHUP reloads the allow-list."""
     settings = Settings(endpoint or default_endpoint(), pool, dram_pool(pool), measure_bytes)
+    mode = guard.plan(settings.endpoint, want_keys, insecure)
     ensure_runtime_dir()
     endpoint = settings.endpoint
     if endpoint.startswith("ipc://") and Path(endpoint[len("ipc://"):]).exists():
@@ -240,10 +268,11 @@ def run(endpoint: str | None, pool: str, measure_bytes: int) -> None:
         Path(endpoint[len("ipc://"):]).unlink()  # left by a crashed daemon
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    daemon = Daemon(State(settings))
+    daemon = Daemon(State(settings), mode)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.state.stop.set())
-    write_connection_file(endpoint)
+    signal.signal(signal.SIGHUP, lambda *_: daemon.hup.set())
+    write_connection_file(endpoint, daemon.guard.pair.public if daemon.guard.pair else None)
     daemon.serve()
     logging.shutdown()
     os._exit(0)  # jobs still running on worker threads end with the process

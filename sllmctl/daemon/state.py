@@ -72,6 +72,7 @@ class State:
         self.jobs: dict[str, Job] = {}
         self.jobs_lock = threading.Lock()
         self.http = HttpSide()
+        self.guard: Any = None  # guard.Guard: who may ask what (set by the socket loop)
         self.log_file = _log_file()
 
     @property

@@ -4,6 +4,11 @@ Every request has a deadline for the daemon's first answer (FIRST_ANSWER_S) and,
 jobs, for each later message (the daemon sends a heartbeat every half second). A socket
 that timed out is closed with LINGER=0 and the error names the endpoint. Error replies come
 back as the SllmError their code stands for (wire.codes).
+
+`--host NAME` (or SLLMCTL_HOST) picks a daemon of the hosts file (wire.hosts) instead of this
+host's: the client speaks CURVE with its own key pair (made on first use) and the key the
+hosts file holds for that daemon; a handshake the daemon turns down (or a daemon whose key is
+not that one) is `keys.Refused` (exit 4) at once, and sends never block (SNDTIMEO).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -20,10 +26,12 @@ import zmq
 from sllmctl import paths
 from sllmctl.errors import DaemonUnreachable, SllmError
 from sllmctl.procs import alive
-from sllmctl.wire.codes import BadRequest, error_for
+from sllmctl.wire import hosts, keys
+from sllmctl.wire.codes import BadRequest, Forbidden, error_for
 from sllmctl.wire.envelope import PROTOCOL_VERSION, Envelope, decode_reply
 from sllmctl.wire.messages import Message
 from sllmctl.wire.runtime import (
+    Connection,
     connection_file,
     ensure_runtime_dir,
     listen_endpoint,
@@ -34,16 +42,78 @@ from sllmctl.wire.runtime import (
 FIRST_ANSWER_S = 1.5
 SILENCE_S = 5.0  # a long job that sends nothing for this long is taken as hung
 START_S = 20.0
+MAX_REPLY = 16 << 20  # bytes: a larger frame from the daemon drops the connection
 
 
 def autostart_enabled(flag: bool | None = None) -> bool:
     return paths.switch("autostart", "SLLMCTL_AUTOSTART", True, flag)
 
 
+_selected: list[str] = []  # --host NAME, set by the command line
+
+
+def select_host(name: str | None) -> None:
+    """Make `connect` talk to the hosts file's `name` (the `--host` flag)."""
+    _selected.clear()
+    if name:
+        _selected.append(name)
+
+
+def selected_host() -> hosts.Host | None:
+    """The host `--host` or SLLMCTL_HOST names (None: this host's daemon)."""
+    return hosts.resolve(_selected[0] if _selected else None)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A daemon of the hosts file, and this client's own pair."""
+
+    host: hosts.Host
+    pair: keys.KeyPair
+
+
 class Client:
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, remote: Remote | None = None) -> None:
         self.endpoint = endpoint
+        self.remote = remote
         self.ctx: Any = zmq.Context.instance()
+
+    @property
+    def where(self) -> str:
+        return (f"{self.remote.host.name} ({self.endpoint})" if self.remote
+                else f"the daemon at {self.endpoint}")
+
+    def _open(self, timeout: float) -> Any:
+        """A DEALER connected to the daemon; for a remote one, the CURVE handshake done."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))  # a failed handshake: no peer
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)  # a remote daemon is a trust boundary too
+        if self.remote is None:
+            sock.connect(self.endpoint)
+            return sock
+        try:
+            keys.secure_client(sock, self.remote.pair, self.remote.host.key)
+            seen = keys.connect_checked(sock, self.endpoint, int(timeout * 1000))
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        if seen != "ok":
+            sock.close(linger=0)
+            if seen == "refused":
+                raise keys.refused(self.remote.host.name, self.endpoint, self.remote.pair)
+            raise self._silent(timeout)
+        return sock
+
+    def _silent(self, deadline: float) -> DaemonUnreachable:
+        if self.remote:
+            return DaemonUnreachable(
+                f"{self.where} did not answer within {deadline:.1f} s",
+                hint=f"check that its daemon runs (`sllmctl daemon start --listen ...` on "
+                f"{self.remote.host.name}) and that this machine reaches it")
+        return DaemonUnreachable(
+            f"the daemon at {self.endpoint} did not answer within {deadline:.1f} s",
+            hint="sllmctl daemon status; restart it: sllmctl daemon stop; sllmctl daemon start")
 
     def request(self, msg: Message, **kwargs: Any) -> Any:
         """Send one typed message; see `call`."""
@@ -55,18 +125,16 @@ class Client:
              version: int = PROTOCOL_VERSION) -> Any:
         """Send one request; return its result (None if not `wait`, once it is accepted)."""
         req = Envelope(op, args or {}, v=version)
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = self._open(first_answer)
         try:
-            sock.connect(self.endpoint)
-            sock.send_multipart(req.encode())
+            try:
+                sock.send_multipart(req.encode())
+            except zmq.Again:
+                raise self._silent(first_answer) from None
             deadline = first_answer
             while True:
                 if not sock.poll(int(deadline * 1000)):
-                    raise DaemonUnreachable(
-                        f"the daemon at {self.endpoint} did not answer within {deadline:.1f} s",
-                        hint="sllmctl daemon status; restart it: sllmctl daemon stop; "
-                        "sllmctl daemon start")
+                    raise self._silent(deadline)
                 msg = decode_reply(sock.recv_multipart())
                 # a reply without an id answers a request the daemon could not parse
                 if msg.get("id") != req.id and not (msg.get("id") is None
@@ -81,12 +149,33 @@ class Client:
                     continue
                 if msg.get("status") == "ok":
                     return msg.get("result")
-                raise _error(msg.get("error"))
+                raise self._named(_error(msg.get("error")))
         except BadRequest as e:
-            raise SllmError(f"malformed answer from the daemon at {self.endpoint}: "
-                            f"{e.message}") from None
+            raise SllmError(f"malformed answer from {self.where}: {e.message}") from None
         finally:
             sock.close(linger=0)
+
+
+    def _named(self, e: SllmError) -> SllmError:
+        """A refusal from a remote daemon names the host."""
+        if self.remote and isinstance(e, Forbidden):
+            return Forbidden(f"{self.remote.host.name}: {e.message}",
+                             e.hint and e.hint.replace("the daemon's host",
+                                                       self.remote.host.name))
+        return e
+
+
+def local(conn: Connection) -> Client:
+    """A client for this host's daemon; CURVE when it runs with keys (`--keys`)."""
+    if conn.server_key is None:
+        return Client(conn.endpoint)
+    return remote(hosts.Host("this host", conn.endpoint, conn.server_key))
+
+
+def remote(host: hosts.Host) -> Client:
+    """A client for a daemon of the hosts file, with this client's pair (made on first use)."""
+    pair = keys.client_keys(paths.config_path().parent)
+    return Client(host.endpoint, Remote(host, pair))
 
 
 def _error(err: Any) -> SllmError:
@@ -100,7 +189,11 @@ def _error(err: Any) -> SllmError:
 
 
 def connect(autostart: bool | None = None) -> Client:
-    """A client for this host's daemon; starts one if none runs and autostart is on."""
+    """A client for the daemon `--host`/SLLMCTL_HOST names, else this host's; starts this
+    host's if none runs and autostart is on (a remote daemon is never started)."""
+    host = selected_host()
+    if host is not None:
+        return remote(host)
     env = os.environ.get("SLLMCTL_DAEMON")
     if env:  # an explicit endpoint: never start anything
         return Client(env)
@@ -111,7 +204,7 @@ def connect(autostart: bool | None = None) -> Client:
                 f"the running daemon (pid {conn.pid}) speaks protocol version "
                 f"{conn.protocol_version}; this sllmctl speaks {PROTOCOL_VERSION}",
                 hint="restart it: sllmctl daemon stop; sllmctl daemon start")
-        return Client(conn.endpoint)
+        return local(conn)
     if not autostart_enabled(autostart):
         why = (f"stale connection file from pid {conn.pid}" if conn else
                f"no connection file in {paths.runtime_dir()}")
@@ -121,14 +214,15 @@ def connect(autostart: bool | None = None) -> Client:
 
 
 def start_detached(listen: str | None = None, dram_pool: str | None = None,
-                   measure_bytes: int | None = None) -> Client:
+                   measure_bytes: int | None = None, security: list[str] | None = None
+                   ) -> Client:
     """Start a daemon in its own session, logging to the runtime folder; wait until it
     answers. A daemon already running is used if it has the settings asked for (None: any),
     else this is an error naming both."""
     ensure_runtime_dir()
     conn = read_connection()
     if conn and alive(conn.pid):
-        client = Client(conn.endpoint)
+        client = local(conn)
         _check_settings(client, conn.pid, listen, dram_pool, measure_bytes)
         return client
     connection_file().unlink(missing_ok=True)
@@ -139,6 +233,7 @@ def start_detached(listen: str | None = None, dram_pool: str | None = None,
         cmd += ["--dram-pool", dram_pool]
     if measure_bytes is not None:
         cmd += ["--measure-bytes", str(measure_bytes)]
+    cmd += security or []  # --keys, --insecure
     log = log_file()
     with open(log, "ab") as f:
         start_at = f.tell()
@@ -148,7 +243,7 @@ def start_detached(listen: str | None = None, dram_pool: str | None = None,
     while time.monotonic() < deadline:
         conn = read_connection()
         if conn and conn.pid == proc.pid:
-            client = Client(conn.endpoint)
+            client = local(conn)
             try:
                 client.call("status", first_answer=1.0)
                 return client
@@ -194,15 +289,19 @@ def _norm(value: Any) -> str:
 
 
 def stop(timeout: float = 10.0) -> int | None:
-    """Stop this host's daemon; returns its pid, or None if none was running."""
+    """Stop this host's daemon (or the one `--host` names); returns its pid, or None if
+    none was running."""
     import signal
 
+    host = selected_host()
+    if host is not None:
+        return _stop_remote(remote(host), timeout)
     conn = read_connection()
     if conn is None or not alive(conn.pid):
         connection_file().unlink(missing_ok=True)
         return None
     try:
-        Client(conn.endpoint).call("shutdown", first_answer=2.0)
+        local(conn).call("shutdown", first_answer=2.0)
     except SllmError:  # hung, or another protocol version: the signal works for all
         os.kill(conn.pid or 0, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -212,3 +311,17 @@ def stop(timeout: float = 10.0) -> int | None:
         raise SllmError(f"the daemon (pid {conn.pid}) did not stop within {timeout:.0f} s",
                         hint=f"kill -9 {conn.pid}")
     return conn.pid
+
+
+def _stop_remote(client: Client, timeout: float) -> int | None:
+    """Ask a remote daemon to stop, and wait until it no longer answers."""
+    pid: int | None = client.call("shutdown", first_answer=2.0).get("pid")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            client.call("status", first_answer=0.5)
+        except (DaemonUnreachable, keys.Refused):  # a closing socket fails the handshake
+            return pid
+        time.sleep(0.1)
+    raise SllmError(f"{client.where} still answers {timeout:.0f} s after shutdown",
+                    hint="see its log there")

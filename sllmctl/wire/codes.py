@@ -3,7 +3,7 @@ daemon turns an exception into its code, the client turns the code back into the
 
 from __future__ import annotations
 
-from sllmctl.errors import CorruptCheckpoint, NotFound, SllmError
+from sllmctl.errors import EXIT_REFUSED, CorruptCheckpoint, NotFound, SllmError
 
 BAD_REQUEST = "bad_request"
 VERSION_MISMATCH = "version_mismatch"
@@ -13,6 +13,7 @@ DOES_NOT_FIT = "does_not_fit"
 NO_GPU = "no_gpu"
 CORRUPT = "corrupt_checkpoint"
 BUSY = "busy"
+FORBIDDEN = "forbidden"
 FAILED = "failed"
 INTERNAL = "internal"
 
@@ -45,6 +46,13 @@ class Busy(SllmError):
     """The daemon's queue of long jobs is full; try again later."""
 
 
+class Forbidden(SllmError):
+    """An operation the caller's key may not ask for (its role is not among the op's)."""
+
+    exit_code = EXIT_REFUSED  # refused by the daemon, like a refused key
+    code = FORBIDDEN
+
+
 class Internal(SllmError):
     """An exception the daemon did not expect (a bug: see its log)."""
 
@@ -53,7 +61,7 @@ class Internal(SllmError):
 _TABLE: list[tuple[str, type[SllmError]]] = [
     (BAD_REQUEST, BadRequest), (VERSION_MISMATCH, VersionMismatch), (UNKNOWN_OP, UnknownOp),
     (NOT_FOUND, NotFound), (DOES_NOT_FIT, DoesNotFit), (NO_GPU, NoGpu),
-    (CORRUPT, CorruptCheckpoint), (BUSY, Busy), (INTERNAL, Internal),
+    (CORRUPT, CorruptCheckpoint), (BUSY, Busy), (FORBIDDEN, Forbidden), (INTERNAL, Internal),
 ]
 CODES = (*(code for code, _ in _TABLE), FAILED)
 

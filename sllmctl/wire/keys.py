@@ -37,13 +37,12 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from sllmctl.errors import SllmError
+from sllmctl.errors import EXIT_REFUSED, SllmError
 
 Role = Literal["admin", "peer", "read"]
 ROLES: tuple[Role, ...] = ("admin", "peer", "read")
 ALLOW_LIST = "authorized_keys"
 ZAP_DOMAIN = "sllmctl"
-EXIT_REFUSED = 4  # a daemon refused this client's key (to join errors.py's table on merge)
 
 log = logging.getLogger("sllmctl.keys")
 
@@ -58,6 +57,7 @@ class Refused(SllmError):
     """A daemon refused this client's key (or the client does not know the daemon's key)."""
 
     exit_code = EXIT_REFUSED
+    code = "refused"
 
 
 def refused(host: str, endpoint: str, client: KeyPair) -> Refused:

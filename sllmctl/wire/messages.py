@@ -4,7 +4,8 @@ Each operation's arguments are a dataclass whose fields say their type and range
 turns a request's `args` object into one, or raises BadRequest naming the field (a missing,
 mistyped or out-of-range argument is never an `internal` error). Unknown arguments are
 ignored. Each message also declares whether the daemon answers it in its socket loop (`fast`)
-and which roles may call it (`roles`: admin, peer, read; enforced once keys exist).
+and which roles may call it (`roles`: admin, peer, read), which the daemon enforces on every
+request of a CURVE connection (ipc and loopback without keys: the caller is admin).
 """
 
 from __future__ import annotations
@@ -217,8 +218,16 @@ class Shutdown(Message):
     fast = True
 
 
+@dataclass
+class Reload(Message):
+    """Read the allow-list again (as SIGHUP does)."""
+
+    op = "reload"
+    fast = True
+
+
 MESSAGES: dict[str, type[Message]] = {
-    m.op: m for m in (Ping, Status, Warm, Unload, Measure, Serve, Unserve, Shutdown)}
+    m.op: m for m in (Ping, Status, Warm, Unload, Measure, Serve, Unserve, Shutdown, Reload)}
 OPS = tuple(MESSAGES)
 FAST_OPS = frozenset(op for op, m in MESSAGES.items() if m.fast)
 

@@ -20,6 +20,7 @@ class Connection:
     endpoint: str
     pid: int | None
     protocol_version: int | None
+    server_key: str | None = None  # the daemon's CURVE key when it runs with keys
 
 
 def connection_file() -> Path:
@@ -57,20 +58,21 @@ def ensure_runtime_dir() -> Path:
 def read_connection() -> Connection | None:
     try:
         info = json.loads(connection_file().read_text())
+        key = info.get("server_key")
         return Connection(str(info["endpoint"]), int(info["pid"]),
-                          int(info["protocol_version"]))
+                          int(info["protocol_version"]), key if isinstance(key, str) else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def write_connection_file(endpoint: str) -> Path:
+def write_connection_file(endpoint: str, server_key: str | None = None) -> Path:
     path = connection_file()
     tmp = path.with_name(f".daemon.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"endpoint": endpoint, "pid": os.getpid(),
                    "protocol_version": PROTOCOL_VERSION, "version": __version__,
-                   "started_at": time.time()}, f)
+                   "started_at": time.time(), "server_key": server_key}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
