@@ -209,6 +209,10 @@ def test_commands_with_host_are_the_local_commands(site: Site) -> None:
         near = site.sllmctl("ann", *args, host=0)
         return far, near
 
+    for _ in range(120):  # the tiers start in the background: compare once they are up
+        if site.json("ann", "status", host=0).get("dram") is not None:
+            break
+        time.sleep(0.5)
     for args in (("status", "--json"), ("daemon", "status", "--json"), ("ps", "--json")):
         far, near = both(*args)
         assert far.returncode == near.returncode == 0, (far.stderr, near.stderr)
