@@ -59,8 +59,10 @@ def convert(
     on_total: Callable[[int], None] | None = None,
     max_file_size: int = MAX_FILE_SIZE,
     compress: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> Manifest:
     """Convert the checkpoint at `src` into the store as `name`; returns its manifest.
+    `provenance` is added to the manifest's (a pull records the repo and commit there).
 
     `compress` stores the data files encoded (codec.py: the high byte of each 16-bit word
     zstd-compressed), for disks slower than the CPU's decoding. Nothing is visible under
@@ -74,6 +76,7 @@ def convert(
             f"model {name!r} already exists", hint="add --force to replace it, or pick a name"
         )
     source = open_source(src, target)
+    source.provenance.update(provenance or {})
     try:
         store.root.mkdir(parents=True, exist_ok=True)
         store.collect_garbage()
