@@ -18,6 +18,7 @@ from sllmctl.commands import (
     daemon,
     demo,
     ls,
+    pull,
     rm,
     run,
     serve,
@@ -39,7 +40,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (convert, ls, show, rm, verify, warm, unload, status, serve, run, demo):
+for module in (convert, pull, ls, show, rm, verify, warm, unload, status, serve, run, demo):
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)

@@ -215,7 +215,7 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if not head:
+            if not head and self.command != "HEAD":
                 self.wfile.write(body)
 
     return Handler

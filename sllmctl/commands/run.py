@@ -8,13 +8,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sllmctl.commands._common import JsonOpt, QuietOpt
+from sllmctl.commands.pull import NoPullOpt, ensure_model
 from sllmctl.output import Out
 
 NAME = "run"
 
 
 def command(
-    name: Annotated[str, typer.Argument(help="Model name.")],
+    name: Annotated[str, typer.Argument(help="Model name, catalogue name or Hub repo id.")],
     prompt: Annotated[Optional[str], typer.Argument(help="The question; read from stdin "  # noqa: UP045
                                                      "when absent and stdin is not a terminal; "
                                                      "a chat when it is.")] = None,
@@ -27,6 +28,7 @@ def command(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N "  # noqa: UP045
                                                   "(default: cuda if present).")] = None,
+    no_pull: NoPullOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -44,6 +46,7 @@ def command(
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise UsageError("no prompt: give one as an argument or on stdin")
+    name = ensure_model(name, no_pull, out)  # pulls a catalogue name or repo id
     model = ChatModel.load(name, device)
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     if not interactive:

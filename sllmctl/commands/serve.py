@@ -9,6 +9,7 @@ import typer
 
 from sllmctl.commands._common import JsonOpt, QuietOpt
 from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands.pull import NoPullOpt, ensure_model
 from sllmctl.output import Out
 
 NAME = "serve"
@@ -16,7 +17,7 @@ DEFAULT_PORT = 8080
 
 
 def command(
-    name: Annotated[str, typer.Argument(help="Model name.")],
+    name: Annotated[str, typer.Argument(help="Model name, catalogue name or Hub repo id.")],
     host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told "
                                       "otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = DEFAULT_PORT,
@@ -27,6 +28,7 @@ def command(
     detach: Annotated[bool, typer.Option("--detach", help="Return once the model is "
                                          "served.")] = False,
     autostart: AutostartOpt = None,
+    no_pull: NoPullOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -34,6 +36,7 @@ def command(
     from sllmctl.wire.client import connect
 
     out = Out(json, quiet)
+    name = ensure_model(name, no_pull, out, autostart)  # pulls a catalogue name or repo id
     client = connect(autostart)
     args: dict[str, Any] = {"name": name, "host": host, "port": port, "keep_alive": keep_alive,
                             "api_key": api_key}

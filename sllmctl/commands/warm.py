@@ -8,19 +8,21 @@ import typer
 
 from sllmctl.commands._common import JsonOpt, QuietOpt
 from sllmctl.commands._daemon_opts import AutostartOpt
+from sllmctl.commands.pull import NoPullOpt, ensure_model
 from sllmctl.output import Out, human_size
 
 NAME = "warm"
 
 
 def command(
-    name: Annotated[str, typer.Argument(help="Model name.")],
+    name: Annotated[str, typer.Argument(help="Model name, catalogue name or Hub repo id.")],
     tier: Annotated[str, typer.Option("--tier", help="dram or gpu.")] = "dram",
     gpu: Annotated[Optional[int], typer.Option("--gpu", help="GPU index (default: the one "  # noqa: UP045
                                                 "with the most free memory).")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Return once resident, or as "
                                        "soon as the daemon accepts the job.")] = True,
     autostart: AutostartOpt = None,
+    no_pull: NoPullOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -31,6 +33,7 @@ def command(
     if tier not in ("dram", "gpu"):
         raise UsageError(f"unknown tier {tier!r}", hint="use --tier dram or --tier gpu")
     out = Out(json, quiet)
+    name = ensure_model(name, no_pull, out, autostart)  # pulls a catalogue name or repo id
     args: dict[str, Any] = {"name": name, "tier": tier, "gpu": gpu}
     client = connect(autostart)
     if not wait:
