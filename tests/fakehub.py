@@ -34,6 +34,20 @@ class Repo:
     gated: bool = False  # needs the token: 403 GatedRepo without it
     private: bool = False  # needs the token: 401 without it
     token: str = "hf_test_token"
+    _sha: dict[str, str] = field(default_factory=dict)
+
+    def blob_id(self, name: str) -> str:
+        """The git blob id: of the file, or for an LFS file of its pointer (as the Hub)."""
+        data = self.files[name]
+        if name in self.lfs:
+            data = (f"version https://git-lfs.github.com/spec/v1\noid sha256:"
+                    f"{self.sha256(name)}\nsize {len(data)}\n").encode()
+        return git_blob_id(data)
+
+    def sha256(self, name: str) -> str:
+        if name not in self._sha:
+            self._sha[name] = hashlib.sha256(self.files[name]).hexdigest()
+        return self._sha[name]
 
     @classmethod
     def from_folder(cls, folder: Path, **kw: Any) -> Repo:
@@ -129,9 +143,9 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             siblings = []
             for name, data in repo.files.items():
                 s: dict[str, Any] = {"rfilename": name, "size": len(data),
-                                     "blobId": git_blob_id(data)}
+                                     "blobId": repo.blob_id(name)}
                 if name in repo.lfs:
-                    s["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                    s["lfs"] = {"sha256": repo.sha256(name), "size": len(data),
                                 "pointerSize": 134}
                 siblings.append(s)
             body = json.dumps({"_id": "x", "id": repo_id, "modelId": repo_id,
@@ -153,13 +167,13 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                                    {"X-Repo-Commit": repo.commit})
             common = {"X-Repo-Commit": repo.commit}
             if name in repo.lfs:
-                sha = hashlib.sha256(data).hexdigest()
+                sha = repo.sha256(name)
                 loc = f"{hub.cdn_url}/cdn/{repo_id}/{sha}/{name}"
                 return self._send(302, b"", {**common, "Location": loc,
                                              "X-Linked-Etag": f'"{sha}"',
                                              "X-Linked-Size": str(len(data)),
-                                             "ETag": f'"{git_blob_id(data)}"'}, head=True)
-            self._send(200, data, {**common, "ETag": f'"{git_blob_id(data)}"'}, head=head)
+                                             "ETag": f'"{repo.blob_id(name)}"'}, head=True)
+            self._send(200, data, {**common, "ETag": f'"{repo.blob_id(name)}"'}, head=head)
 
         def _cdn(self, path: str, head: bool) -> None:
             m = re.fullmatch(r"/cdn/(.+)/([0-9a-f]{64})/(.+)", path)

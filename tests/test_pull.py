@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from fakehub import FakeHub, Repo
+
 from sllmctl.errors import SllmError
 from sllmctl.store.pull import PullRequest, pull
 from sllmctl.store.sources.hub import HubOptions, choose, hub_error

@@ -30,8 +30,9 @@ def command(
         help="A Hub repo id (org/name) or a catalogue name (see --list).")] = None,
     revision: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Branch, tag or commit (default: the catalogue's, else main).")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Name in the store "  # noqa: UP045
-                                                "(default: the catalogue name, or org--model).")] = None,
+    name: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--name", "-n", help="Name in the store (default: the catalogue name, or org--model)."
+    )] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Cast floating-point weights: bf16, "  # noqa: UP045
                                                  "f16, f32.")] = None,
     compress: Annotated[bool, typer.Option("--compress", help="Store the data files "
@@ -132,12 +133,16 @@ def run_pull(client: Any, args: dict[str, Any], out: Out) -> dict[str, Any]:
     with _events(out, args["name"]) as on_event:
         try:
             result: dict[str, Any] = client.call("pull", args, on_event=on_event)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            from sllmctl.output import fail
+
             try:
                 client.call("pull", {**args, "cancel": True})
             finally:
                 out.info(f"cancelled the pull of {args['name']}; a rerun resumes it")
-            raise
+            # exit 130 here: typer, run with standalone_mode=False, turns a KeyboardInterrupt
+            # into a return value that cli.main drops (exit 0)
+            fail(e)
     return result
 
 
@@ -155,8 +160,13 @@ def _events(out: Out, name: str) -> Iterator[Callable[[dict[str, Any]], None]]:
     if not out.interactive:
         yield lambda ev: None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     from sllmctl.output import stderr_console
 
