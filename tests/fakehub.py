@@ -11,7 +11,8 @@
   for a private repo without the token.
 
 `cut_after` makes the CDN close the connection after that many bytes of the next GET (once),
-`stall_after` stops sending (holds the connection) after that many bytes until released.
+`stall_after` stops sending (holds the connection) after that many bytes of a GET (of
+`stall_name` only, if set) until `release` is set, then closes it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class FakeHub:
         self.sent: dict[str, int] = {}  # CDN bytes sent per file name
         self.cut_after: int | None = None
         self.stall_after: int | None = None
+        self.stall_name: str | None = None  # stall only this file (None: any)
         self.release = threading.Event()
+        self.stalled = threading.Event()  # set when a GET starts to stall
         hub = self
         self.api = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub, cdn=False))
         self.cdn = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub, cdn=True))
@@ -181,16 +184,19 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             data = repo.files.get(m.group(3)) if repo and m else None
             if data is None or m is None:
                 return self._send(404, b"not found", {})
-            start = 0
+            start, stop = 0, len(data)
             rng = self.headers.get("Range")
             if rng:
-                start = int(re.fullmatch(r"bytes=(\d+)-(\d*)", rng).group(1))  # type: ignore[union-attr]
+                r = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)
+                assert r is not None, rng
+                start = int(r.group(1))
+                stop = min(stop, int(r.group(2)) + 1) if r.group(2) else stop
                 if start >= len(data):
                     return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
             headers = {"ETag": f'"{m.group(2)}"', "Accept-Ranges": "bytes"}
             if rng:
-                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-            self._body(206 if rng else 200, data[start:], headers, m.group(3), head)
+                headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+            self._body(206 if rng else 200, data[start:stop], headers, m.group(3), head)
 
         def _body(self, code: int, body: bytes, headers: dict[str, str], name: str,
                   head: bool) -> None:
@@ -201,8 +207,10 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if head:
                 return
-            limit = hub.cut_after if hub.cut_after is not None else hub.stall_after
-            stall = hub.cut_after is None and hub.stall_after is not None
+            stalls = hub.stall_after is not None and hub.stall_name in (None, name)
+            limit = hub.cut_after if hub.cut_after is not None else (
+                hub.stall_after if stalls else None)
+            stall = hub.cut_after is None and stalls
             hub.cut_after = None
             if limit is None or limit >= len(body):
                 self.wfile.write(body)
@@ -212,6 +220,7 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
             hub.sent[name] = hub.sent.get(name, 0) + limit
             if stall:
+                hub.stalled.set()
                 hub.release.wait(60)
             self.close_connection = True
 

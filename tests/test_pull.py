@@ -82,6 +82,23 @@ def opts(hub: FakeHub, tmp_path: Path) -> HubOptions:
 
 
 SHARD = "model-00001-of-00002.safetensors"
+SHARD2 = "model-00002-of-00002.safetensors"
+
+
+def ranges(hub: FakeHub, name: str, size: int) -> list[tuple[int, int]]:
+    """The byte ranges each GET of `name` asked for, [start, end)."""
+    out = []
+    for rng in hub.gets(name):
+        if rng is None:
+            out.append((0, size))
+            continue
+        a, _, b = rng.removeprefix("bytes=").partition("-")
+        out.append((int(a), int(b) + 1 if b else size))
+    return out
+
+
+def assert_each_byte_once(hub: FakeHub, name: str, size: int) -> None:
+    assert hub.sent[name] == size
 
 
 def test_choose_takes_safetensors_else_bin_never_both() -> None:
@@ -143,49 +160,112 @@ def test_cut_mid_file_is_resumed_without_a_byte_twice(hub: FakeHub, opts: HubOpt
     hub.cut_after = 10_000  # the first weights GET ends after 10 kB
     r = pull(PullRequest(REPO, "tiny"), opts)
     size = (tiny / SHARD).stat().st_size
-    assert hub.gets(SHARD) == [None, "bytes=10000-"]
-    assert hub.sent[SHARD] == size and r["resent"] == 0
+    assert ranges(hub, SHARD, size)[1][0] == 10_000  # asked again from where it was cut
+    assert_each_byte_once(hub, SHARD, size)
+    assert r["resent"] == 0 and r["overlapped"]
+
+
+def partial_size(opts: HubOptions, hub: FakeHub, name: str) -> int:
+    sha = hub.repos[REPO].sha256(name)
+    p = opts.cache / "models--org--tiny" / "blobs" / f"{sha}.incomplete"
+    return p.stat().st_size if p.exists() else 0
 
 
 def test_killed_pull_resumes_on_rerun(hub: FakeHub, opts: HubOptions, tiny: Path,
                                       tmp_path: Path) -> None:
     """A process killed mid-file leaves its partial file; the rerun asks for the rest."""
-    hub.stall_after = 30_000
+    hub.stall_after, hub.stall_name = 30_000, SHARD
     code = ("import sys; from sllmctl.store.pull import PullRequest, pull; "
             "from sllmctl.store.sources.hub import HubOptions; "
             "pull(PullRequest('org/tiny', 'tiny'), HubOptions(sys.argv[1], None, sys.argv[2], "
             "False))")
     proc = subprocess.Popen([sys.executable, "-c", code, hub.endpoint, str(opts.cache)],
                             stderr=subprocess.PIPE)
-    partials = opts.cache / "models--org--tiny" / "blobs"
     try:
+        assert hub.stalled.wait(60), proc.stderr
         deadline = time.monotonic() + 60
-        while not any(p.stat().st_size == 30_000 for p in partials.glob("*.incomplete")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+        while (have := partial_size(opts, hub, SHARD)) < hub.sent[SHARD]:  # all sent is on disk
+            assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     hub.stall_after = None
     hub.release.set()
+    before = len(hub.gets(SHARD))
     pull(PullRequest(REPO, "tiny"), opts)
-    gets = hub.gets(SHARD)
-    assert gets[0] is None and gets[-1] == "bytes=30000-"
+    size = (tiny / SHARD).stat().st_size
+    assert have > 30_000 and ranges(hub, SHARD, size)[before][0] == have  # only the rest
+    assert_each_byte_once(hub, SHARD, size)
     assert Store().get("tiny").manifest.provenance["commit"] == hub.repos[REPO].commit
 
 
-def test_a_partial_file_of_other_bytes_fails_the_sha256_and_is_removed(
-        hub: FakeHub, opts: HubOptions, tiny: Path) -> None:
-    import hashlib
+def test_conversion_overlaps_the_download(hub: FakeHub, opts: HubOptions,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the second shard is held mid-file, the first shard's tensors are converted;
+    the result is the same model as converting after the download."""
+    import threading
 
-    sha = hashlib.sha256((tiny / SHARD).read_bytes()).hexdigest()
+    from sllmctl.store.sources import hub_stream
+
+    reads: list[str] = []
+    read = hub_stream.Stream.read
+
+    def recorded(self: hub_stream.Stream, name: str, start: int, end: int) -> bytes:
+        data = read(self, name, start, end)
+        reads.append(name)
+        return data
+
+    monkeypatch.setattr(hub_stream.Stream, "read", recorded)
+    hub.stall_after, hub.stall_name = 20_000, SHARD2  # after its header and 20 kB more
+    done: list[dict[str, object]] = []
+    t = threading.Thread(target=lambda: done.append(pull(PullRequest(REPO, "tiny"), opts)))
+    t.start()
+    deadline = time.monotonic() + 60
+    while reads.count(SHARD) < 10:  # embed and layer 0's nine tensors: all of shard 1
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.05)
+    assert not done and hub.sent[SHARD2] < hub.repos[REPO].files[SHARD2].__len__()
+    hub.release.set()
+    t.join(60)
+    assert done and done[0]["overlapped"]
+    import sllmctl.store.pull as pull_mod
+
+    monkeypatch.setattr(pull_mod, "STREAM", False)
+    after = pull(PullRequest(REPO, "tiny-after"), opts)
+    assert not after["overlapped"]
+    a, b = Store().get("tiny").manifest, Store().get("tiny-after").manifest
+    assert [f.checksums for f in a.files] == [f.checksums for f in b.files]
+    assert a.extra_files == b.extra_files
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_partial_file_of_other_bytes_fails_the_sha256_and_is_removed(
+        hub: FakeHub, opts: HubOptions, tiny: Path, overlap: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sllmctl.store.pull as pull_mod
+
+    monkeypatch.setattr(pull_mod, "STREAM", overlap)
+    sha = hub.repos[REPO].sha256(SHARD)
     partial = opts.cache / "models--org--tiny" / "blobs" / f"{sha}.incomplete"
     partial.parent.mkdir(parents=True)
-    partial.write_bytes(b"\0" * 1000)  # not this file's first bytes
+    start = bytearray((tiny / SHARD).read_bytes()[:20_000])
+    start[19_000] ^= 0xFF  # one flipped bit-pattern inside the tensor data
+    partial.write_bytes(bytes(start))
     with pytest.raises(SllmError, match="do not match the Hub's sha256"):
         pull(PullRequest(REPO, "tiny"), opts)
-    assert not partial.exists() and not Store().exists("tiny")
+    assert not partial.exists() and not Store().exists("tiny")  # nothing published
     pull(PullRequest(REPO, "tiny"), opts)  # the rerun starts afresh
+    assert Store().exists("tiny")
+
+
+def test_a_partial_file_that_is_not_the_start_of_the_file_is_fetched_again(
+        hub: FakeHub, opts: HubOptions, tiny: Path) -> None:
+    sha = hub.repos[REPO].sha256(SHARD)
+    partial = opts.cache / "models--org--tiny" / "blobs" / f"{sha}.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"\xff" * 1000)
+    assert pull(PullRequest(REPO, "tiny"), opts)["overlapped"]
     assert Store().exists("tiny")
 
 

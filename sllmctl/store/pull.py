@@ -1,11 +1,12 @@
 """`pull`: a model from the Hugging Face Hub into the store (resolve, download, convert).
 
-The download goes into the HF cache (sources/hub.py); the conversion then reads the snapshot
-through a folder of links to exactly the chosen files. The writer plans the data files from
-every tensor of every shard (load order across shards), so conversion starts once the last
-shard has arrived; what overlaps the download is the sha256 of each file, computed as its
-bytes arrive. The manifest's provenance records the repo id, the revision asked for and the
-commit it resolved to.
+The download goes into the HF cache (sources/hub.py). For a safetensors repo the conversion
+overlaps it (sources/hub_stream.py: the headers are read ahead, then each tensor converts as
+soon as its bytes are on disk, and nothing is published before every file's sha256 matched);
+SLLMCTL_PULL_OVERLAP=0 converts after the download instead, as for GGUF and .bin repos and
+pulls from the cache, which read the snapshot through a folder of links to exactly the chosen
+files. The manifest's provenance records the repo id, the revision asked for and the commit it
+resolved to.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from sllmctl.store.sources.hub import HubOptions, Resolved, download, missing_by
 from sllmctl.store.store import Store, check_name
 
 Progress = Callable[[str, int, int], None]
+STREAM = os.environ.get("SLLMCTL_PULL_OVERLAP", "1") != "0"  # 0: convert after the download
 GGUF_GROWTH = 4  # a GGUF's dequantized (bf16) size, at most about this many times its own
 
 
@@ -69,20 +71,74 @@ def pull(req: PullRequest, opts: HubOptions, progress: Progress | None = None,
         done[0] += n
         report("downloading", done[0], total)
 
+    stream = (STREAM and res.kind == "safetensors" and not opts.is_offline
+              and missing_bytes(res, opts) > 0
+              and all(f.sha256 for f in res.files if f.name.endswith(".safetensors")))
     with _disk_errors():
         report("downloading", 0, total)
-        dl = download(res, opts, advance, cancel)
-        t_download = time.perf_counter() - start
-        manifest = _convert(req, res, dl.paths, store, report, cancel)
+        if stream:
+            dl, manifest, t_download = _pull_streaming(req, res, opts, store, advance, report,
+                                                       cancel, start)
+        else:
+            dl = download(res, opts, advance, cancel)
+            t_download = time.perf_counter() - start
+            manifest = _convert(req, res, dl.paths, store, report, cancel)
+    end = time.perf_counter() - start
     return {**result, "up_to_date": False, "downloaded": dl.downloaded, "cached": dl.cached,
-            "resent": dl.resent, "bytes": manifest.total_bytes,
+            "resent": dl.resent, "bytes": manifest.total_bytes, "overlapped": stream,
             "download_seconds": round(t_download, 3),
-            "convert_seconds": round(time.perf_counter() - start - t_download, 3),
-            "seconds": round(time.perf_counter() - start, 3)}
+            "convert_after_download_seconds": round(end - t_download, 3),
+            "seconds": round(end, 3)}
+
+
+class _Either(threading.Event):
+    """Set when the caller's cancel is set, or this one."""
+
+    def __init__(self, other: threading.Event | None) -> None:
+        super().__init__()
+        self.other = other
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.other is not None and self.other.is_set())
+
+
+def _pull_streaming(req: PullRequest, res: Resolved, opts: HubOptions, store: Store,
+                    advance: Callable[[int], None], report: Progress,
+                    cancel: threading.Event | None, start: float) -> tuple[Any, Any, float]:
+    """The config and tokenizer files first, then the shards on a thread while the writer
+    converts them."""
+    from sllmctl.store.sources.hub_stream import Stream, stream_source
+
+    shards = [f for f in res.files if f.name.endswith(".safetensors")]
+    first = download(replace(res, files=[f for f in res.files if f not in shards]), opts,
+                     advance, cancel)
+    stop = _Either(cancel)
+    stream = Stream(replace(res, files=shards), opts, advance, stop)
+    source = stream_source(stream, first.paths)
+    stream.start()
+    t_download = [0.0]
+
+    def ready() -> None:
+        stream.wait()
+        t_download[0] = time.perf_counter() - start
+
+    try:
+        manifest = _convert(req, res, {**first.paths}, store, report, cancel, source, ready,
+                            quiet=lambda: not stream.finished.is_set())
+    except BaseException:
+        stop.set()  # the download thread stops at its next read
+        raise
+    dl = stream.wait()
+    dl.paths.update(first.paths)
+    dl.downloaded += first.downloaded + stream.header_bytes
+    dl.cached += first.cached - stream.header_bytes
+    return dl, manifest, t_download[0]
 
 
 def _convert(req: PullRequest, res: Resolved, files: dict[str, Path], store: Store,
-             report: Progress, cancel: threading.Event | None) -> Any:
+             report: Progress, cancel: threading.Event | None, source: Any = None,
+             ready: Callable[[], None] | None = None,
+             quiet: Callable[[], bool] = lambda: False) -> Any:
     from sllmctl.store.sources.hub_blob import PullCancelled
     from sllmctl.store.writer import convert
 
@@ -90,13 +146,15 @@ def _convert(req: PullRequest, res: Resolved, files: dict[str, Path], store: Sto
 
     def on_total(n: int) -> None:
         state[1] = n
-        report("converting", 0, n)
+        if not quiet():  # while the download runs, its progress is the one reported
+            report("converting", 0, n)
 
     def advance(n: int) -> None:
         if cancel is not None and cancel.is_set():
             raise PullCancelled("the pull was cancelled; the download is kept in the HF cache")
         state[0] += n
-        report("converting", state[0], state[1])
+        if not quiet():
+            report("converting", state[0], state[1])
 
     provenance = {"source": f"hf://{res.repo_id}@{res.commit}", "repo": res.repo_id,
                   "revision": res.revision, "commit": res.commit}
@@ -106,7 +164,7 @@ def _convert(req: PullRequest, res: Resolved, files: dict[str, Path], store: Sto
         src = Path(tmp) / res.files[-1].name if res.kind == "gguf" else Path(tmp)
         manifest = convert(src, req.name, dtype=req.dtype, force=req.force, store=store,
                            progress=advance, on_total=on_total, compress=req.compress,
-                           provenance=provenance)
+                           provenance=provenance, source=source, ready=ready)
     return manifest
 
 

@@ -202,9 +202,10 @@ def missing_bytes(res: Resolved, opts: HubOptions) -> int:
 
 def download(res: Resolved, opts: HubOptions, progress: Callable[[int], None],
              cancel: threading.Event | None = None,
-             on_file: Callable[[str, Path], None] | None = None) -> Downloaded:
+             on_file: Callable[[str, Path], None] | None = None,
+             watch: Callable[[str], Callable[[int], None] | None] | None = None) -> Downloaded:
     """Every chosen file into the HF cache, small ones first; `on_file` hears of each file as
-    it lands."""
+    it lands, `watch(name)` gives a callback that hears how much of an LFS file is written."""
     from huggingface_hub import hf_hub_download
 
     out = Downloaded(opts.cache / res.storage / "snapshots" / res.commit, {})
@@ -215,7 +216,9 @@ def download(res: Resolved, opts: HubOptions, progress: Callable[[int], None],
         snap = out.folder / f.name
         fresh = not snap.exists() and not opts.is_offline
         if f.sha256 and fresh:
-            got = _fetch_lfs(res, f, opts, storage, progress, cancel)
+            url, headers = lfs_location(res, f, opts)
+            got = fetch_lfs(storage, url, f, headers, progress, cancel,
+                            watch=watch(f.name) if watch else None)
             out.downloaded += got.downloaded
             out.cached += f.size - got.downloaded
             out.resent += got.resent
@@ -236,12 +239,12 @@ def download(res: Resolved, opts: HubOptions, progress: Callable[[int], None],
     return out
 
 
-def _fetch_lfs(res: Resolved, f: RemoteFile, opts: HubOptions, storage: Path,
-               progress: Callable[[int], None], cancel: threading.Event | None) -> Any:
+def lfs_location(res: Resolved, f: RemoteFile, opts: HubOptions) -> tuple[str, dict[str, str]]:
+    """Where an LFS file's bytes are (the Hub's redirect) and the headers to ask with, once
+    the Hub's X-Linked-Etag and X-Linked-Size agree with the listing."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    assert f.sha256 is not None
     url = hf_hub_url(res.repo_id, f.name, revision=res.commit, endpoint=opts.endpoint)
     headers = build_hf_headers(token=opts.token)
     try:
@@ -251,10 +254,17 @@ def _fetch_lfs(res: Resolved, f: RemoteFile, opts: HubOptions, storage: Path,
     if meta.etag != f.sha256 or (meta.size is not None and meta.size != f.size):
         raise SllmError(f"{res.repo_id}/{f.name}: the Hub's file metadata (X-Linked-Etag "
                         f"{meta.etag}) disagree with its listing (sha256 {f.sha256})")
-    location = meta.location
-    if _origin(location) != _origin(url):  # a CDN: the token stays on the Hub
+    if _origin(meta.location) != _origin(url):  # a CDN: the token stays on the Hub
         headers.pop("authorization", None)
-    return fetch_blob(storage, location, f.sha256, f.size, headers, progress, cancel)
+    return meta.location, headers
+
+
+def fetch_lfs(storage: Path, url: str, f: RemoteFile, headers: dict[str, str],
+              progress: Callable[[int], None], cancel: threading.Event | None,
+              stop_at: int | None = None, watch: Callable[[int], None] | None = None) -> Any:
+    assert f.sha256 is not None
+    return fetch_blob(storage, url, f.sha256, f.size, headers, progress, cancel,
+                      stop_at=stop_at, watch=watch)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

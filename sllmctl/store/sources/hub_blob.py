@@ -46,9 +46,12 @@ def blob_path(storage: Path, sha256: str) -> Path:
 
 def fetch_blob(storage: Path, url: str, sha256: str, size: int, headers: dict[str, str],
                progress: Callable[[int], None], cancel: threading.Event | None = None,
-               stall_s: float = STALL_S) -> Fetched:
+               stall_s: float = STALL_S, stop_at: int | None = None,
+               watch: Callable[[int], None] | None = None) -> Fetched:
     """Download the file at `url` (the resolved location) into `storage`'s blobs, resuming a
-    partial file; returns what came over the network."""
+    partial file; returns what came over the network. With `stop_at`, only the file's first
+    `stop_at` bytes, into the partial file (a header read ahead; the rest resumes from
+    there). `watch` hears how many bytes of the partial file are written, as they are."""
     from huggingface_hub.utils import WeakFileLock
 
     blob = blob_path(storage, sha256)
@@ -61,12 +64,16 @@ def fetch_blob(storage: Path, url: str, sha256: str, size: int, headers: dict[st
         if blob.exists():  # another process finished it while we waited
             return Fetched(blob, 0, 0, 0)
         partial = blob.with_name(sha256 + ".incomplete")
-        state = _Partial(partial, size)
-        progress(state.have)
+        state = _Partial(partial, size, watch)
+        if stop_at is None:
+            progress(state.have)
         try:
-            got = _download(state, url, headers, progress, cancel, stall_s)
+            got = _download(state, url, headers, progress, cancel, stall_s,
+                            min(size, stop_at if stop_at is not None else size))
         finally:
             state.f.close()
+        if stop_at is not None and state.have < size:
+            return Fetched(partial, got[0], state.kept, got[1])
         if state.have != size:
             raise SllmError(f"{url}: the server sent {state.have} of {size} bytes",
                             hint="run the pull again: it resumes")
@@ -82,7 +89,9 @@ def fetch_blob(storage: Path, url: str, sha256: str, size: int, headers: dict[st
 class _Partial:
     """The partial file and the sha256 of the bytes it already holds (read locally)."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int,
+                 watch: Callable[[int], None] | None = None) -> None:
+        self.watch = watch
         self.hash = hashlib.sha256()
         if path.exists() and path.stat().st_size > size:
             path.unlink()  # not a prefix of this file
@@ -92,28 +101,33 @@ class _Partial:
             self.hash.update(chunk)
         self.have = self.kept = self.f.tell()
         self.size = size
+        if watch is not None:
+            watch(self.have)
 
     def add(self, data: bytes) -> None:
         self.f.write(data)
         self.hash.update(data)
         self.have += len(data)
+        if self.watch is not None:
+            self.f.flush()  # readers of the partial file see these bytes now
+            self.watch(self.have)
 
 
 def _download(state: _Partial, url: str, headers: dict[str, str],
               progress: Callable[[int], None], cancel: threading.Event | None,
-              stall_s: float) -> tuple[int, int]:
+              stall_s: float, end: int) -> tuple[int, int]:
     """Fill the partial file; returns (bytes downloaded, bytes the server sent twice)."""
     import httpx2
     from huggingface_hub.utils import get_session
 
     session = get_session()
     downloaded = resent = failures = 0
-    while state.have < state.size:
+    while state.have < end:
         if cancel is not None and cancel.is_set():
             raise PullCancelled("the pull was cancelled; what arrived is kept for a rerun")
         h = dict(headers, **{"Accept-Encoding": "identity"})
-        if state.have:
-            h["Range"] = f"bytes={state.have}-"
+        if state.have or end < state.size:
+            h["Range"] = f"bytes={state.have}-" + (str(end - 1) if end < state.size else "")
         try:
             with session.stream("GET", url, headers=h, follow_redirects=True,
                                 timeout=httpx2.Timeout(stall_s, connect=10.0)) as r:
@@ -125,9 +139,11 @@ def _download(state: _Partial, url: str, headers: dict[str, str],
                     if cancel is not None and cancel.is_set():
                         raise PullCancelled("the pull was cancelled; what arrived is kept "
                                             "for a rerun")
-                    state.add(data[: state.size - state.have])
+                    state.add(data[: end - state.have])
                     downloaded += len(data)
                     progress(len(data))
+                    if state.have >= end:
+                        break
         except (httpx2.TransportError, httpx2.StreamError) as e:
             failures += 1
             if failures >= ATTEMPTS:
