@@ -74,7 +74,7 @@ class Stream:
         for f in self.res.weights:
             if not f.name.endswith(".safetensors"):
                 continue
-            self.files[f.name] = _File(Path(), blob_path(self.storage, f.sha256))
+            self.files[f.name] = _File(Path(), blob_path(self.storage, f.sha256 or ""))
             try:
                 out[f.name] = self._header(f)
             except (ValueError, struct.error, UnicodeDecodeError):
@@ -82,7 +82,7 @@ class Stream:
                 if not partial.name.endswith(".incomplete"):
                     raise SourceError(f"{f.name}: not a safetensors file") from None
                 partial.unlink()  # kept from an earlier pull, but not this file's start
-                self.files[f.name] = _File(Path(), blob_path(self.storage, f.sha256))
+                self.files[f.name] = _File(Path(), blob_path(self.storage, f.sha256 or ""))
                 out[f.name] = self._header(f)
         return out
 
