@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,6 +73,7 @@ class FakeHub:
         self.stall_name: str | None = None  # stall only this file (None: any)
         self.release = threading.Event()
         self.stalled = threading.Event()  # set when a GET starts to stall
+        self.rate: float | None = None  # CDN bytes per second (None: as fast as it goes)
         hub = self
         self.api = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub, cdn=False))
         self.cdn = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub, cdn=True))
@@ -213,7 +215,7 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             stall = hub.cut_after is None and stalls
             hub.cut_after = None
             if limit is None or limit >= len(body):
-                self.wfile.write(body)
+                self._write(body)
                 hub.sent[name] = hub.sent.get(name, 0) + len(body)
                 return
             self.wfile.write(body[:limit])
@@ -223,6 +225,17 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 hub.stalled.set()
                 hub.release.wait(60)
             self.close_connection = True
+
+        def _write(self, body: bytes) -> None:
+            if not hub.rate:
+                self.wfile.write(body)
+                return
+            start, piece = time.monotonic(), 1 << 18
+            for i in range(0, len(body), piece):
+                self.wfile.write(body[i:i + piece])
+                ahead = (i + piece) / hub.rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
 
         def _error(self, code: int, error_code: str | None, message: str,
                    extra: dict[str, str] | None = None) -> None:

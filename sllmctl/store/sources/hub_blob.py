@@ -99,17 +99,25 @@ class _Partial:
         self.f.seek(0)
         while chunk := self.f.read(PIECE):
             self.hash.update(chunk)
-        self.have = self.kept = self.f.tell()
+        self.have = self.kept = self.shown = self.f.tell()
         self.size = size
         if watch is not None:
             watch(self.have)
+
+    def flush(self) -> None:
+        self.f.flush()
+        if self.watch is not None and self.shown != self.have:
+            self.shown = self.have
+            self.watch(self.have)
 
     def add(self, data: bytes) -> None:
         self.f.write(data)
         self.hash.update(data)
         self.have += len(data)
-        if self.watch is not None:
+        if self.watch is not None and (self.have - self.shown >= PIECE
+                                       or self.have == self.size):
             self.f.flush()  # readers of the partial file see these bytes now
+            self.shown = self.have
             self.watch(self.have)
 
 
@@ -150,7 +158,8 @@ def _download(state: _Partial, url: str, headers: dict[str, str],
                 raise SllmError(f"downloading {urlparse(url).path} failed {failures} times "
                                 f"(last: {type(e).__name__}: {e})",
                                 hint="run the pull again: it resumes") from None
-        state.f.flush()
+        finally:
+            state.flush()
     os.fsync(state.f.fileno())
     return downloaded, resent
 

@@ -139,7 +139,7 @@ class Stream:
         assert self.result is not None
         return self.result
 
-    def read(self, name: str, start: int, end: int) -> bytes:
+    def read(self, name: str, start: int, end: int) -> bytearray:
         entry = self.files[name]
         with entry.cond:
             while not entry.done and entry.have < end and self.error is None:
@@ -184,17 +184,18 @@ def _loader(stream: Stream, name: str, start: int, end: int,
         dtype = torch_dtype(meta["dtype"])
         if not data:
             return torch.empty(meta["shape"], dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(meta["shape"])
+        return torch.frombuffer(data, dtype=dtype).reshape(meta["shape"])
 
     return load
 
 
-def _pread(path: Path, offset: int, n: int) -> bytes:
+def _pread(path: Path, offset: int, n: int) -> bytearray:
+    data = bytearray(n)
     fd = os.open(path, os.O_RDONLY)
     try:
-        data = os.pread(fd, n, offset)
+        got = os.preadv(fd, [data], offset) if n else 0
     finally:
         os.close(fd)
-    if len(data) != n:
-        raise SllmError(f"{path}: {len(data)} of {n} bytes at {offset}")
+    if got != n:
+        raise SllmError(f"{path}: {got} of {n} bytes at {offset}")
     return data
