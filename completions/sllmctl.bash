@@ -8,14 +8,14 @@ _sllmctl() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
     local sub="" i
     for ((i = 1; i < COMP_CWORD; i++)); do
-        case " --name -n --dtype --home --home --home --home --home --home --system --max-tokens --temperature --top-p --top-k --seed --stop --device --home --host --port --keep-alive --api-key --home --home --home --tier --home --home --tier --gpu --home " in *" ${COMP_WORDS[i]} "*) ((i++)); continue ;; esac
+        case " --name -n --dtype --home --home --home --home --home --revision --name -n --dtype --file --quant --home --home --system --max-tokens --temperature --top-p --top-k --seed --stop --device --home --host --port --keep-alive --api-key --home --home --home --tier --home --home --tier --gpu --home " in *" ${COMP_WORDS[i]} "*) ((i++)); continue ;; esac
         case "${COMP_WORDS[i]}" in -*) ;; *) sub="${COMP_WORDS[i]}"; break ;; esac
     done
-    case " --name -n --dtype --home --home --home --home --home --home --system --max-tokens --temperature --top-p --top-k --seed --stop --device --home --host --port --keep-alive --api-key --home --home --home --tier --home --home --tier --gpu --home " in *" $prev "*)
+    case " --name -n --dtype --home --home --home --home --home --revision --name -n --dtype --file --quant --home --home --system --max-tokens --temperature --top-p --top-k --seed --stop --device --home --host --port --keep-alive --api-key --home --home --home --tier --home --home --tier --gpu --home " in *" $prev "*)
         COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     if [ -z "$sub" ]; then
-        COMPREPLY=($(compgen -W "convert daemon demo ls ps rm run serve show status unload verify warm --home --version --help" -- "$cur"))
+        COMPREPLY=($(compgen -W "convert daemon demo ls ps pull rm run serve show status unload verify warm --home --version --help" -- "$cur"))
         return
     fi
     local opts="" arg=none
@@ -25,14 +25,15 @@ _sllmctl() {
         demo) opts='--force --json --quiet -q --help'; arg=none ;;
         ls) opts='--json --quiet -q --help'; arg=none ;;
         ps) opts='--autostart --no-autostart --json --quiet -q --help'; arg=none ;;
+        pull) opts='--revision --name -n --dtype --compress --file --quant --force --detach --cancel --list --autostart --no-autostart --json --quiet -q --help'; arg=path ;;
         rm) opts='--yes -y --dry-run --json --quiet -q --help'; arg=model ;;
-        run) opts='--system --max-tokens --temperature --top-p --top-k --seed --stop --device --json --quiet -q --help'; arg=model ;;
-        serve) opts='--host --port --keep-alive --api-key --detach --autostart --no-autostart --json --quiet -q --help'; arg=model ;;
+        run) opts='--system --max-tokens --temperature --top-p --top-k --seed --stop --device --no-pull --json --quiet -q --help'; arg=model ;;
+        serve) opts='--host --port --keep-alive --api-key --detach --autostart --no-autostart --no-pull --json --quiet -q --help'; arg=model ;;
         show) opts='--tensors --json --quiet -q --help'; arg=model ;;
         status) opts='--measure --autostart --no-autostart --json --quiet -q --help'; arg=none ;;
         unload) opts='--tier --autostart --no-autostart --json --quiet -q --help'; arg=model ;;
         verify) opts='--json --quiet -q --help'; arg=model ;;
-        warm) opts='--tier --gpu --wait --no-wait --autostart --no-autostart --json --quiet -q --help'; arg=model ;;
+        warm) opts='--tier --gpu --wait --no-wait --autostart --no-autostart --no-pull --json --quiet -q --help'; arg=model ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))
