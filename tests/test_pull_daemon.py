@@ -174,6 +174,29 @@ def test_detach_leaves_it_running_and_no_pull_refuses(hub: FakeHub, daemon: int)
     assert "hint: sllmctl pull org/other" in r.stderr
 
 
+def test_repo_ids_name_the_stored_model_and_the_config_overrides_the_catalogue(
+        hub: FakeHub, daemon: int, tmp_path: Path) -> None:
+    assert sllmctl("pull", REPO).returncode == 0
+    assert sllmctl("show", REPO).returncode == 0  # org/tiny is org--tiny
+    assert sllmctl("rm", REPO, "--yes").returncode == 0
+    assert sllmctl("ls", "--json").stdout.count("org--tiny") == 0
+    Path(os.environ["SLLMCTL_CONFIG"]).write_text(
+        '[catalogue.tiny]\nrepo = "org/tiny"\n\n[catalogue."smollm2-135m"]\nrevision = "v2"\n')
+    rows = {r["name"]: r for r in json.loads(sllmctl("pull", "--list", "--json").stdout)}
+    assert rows["tiny"]["repo"] == REPO and rows["tiny"]["source"] == "config"
+    assert rows["smollm2-135m"]["revision"] == "v2"
+    assert rows["smollm2-135m"]["repo"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    os.environ["SLLMCTL_PULL"] = "never"
+    try:
+        r = sllmctl("warm", "tiny")
+        assert r.returncode == 1 and "model tiny is not in the store (pulls are off)" in r.stderr
+    finally:
+        del os.environ["SLLMCTL_PULL"]
+    r = sllmctl("warm", "tiny", "--json")  # pulled first, as `tiny`
+    assert r.returncode == 0, r.stderr
+    assert json.loads(sllmctl("show", "tiny", "--json").stdout)["provenance"]["repo"] == REPO
+
+
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo model's files as the Hub has SmolLM2-135M-Instruct: bf16 safetensors, config,
@@ -209,3 +232,13 @@ def test_serve_a_catalogue_name_on_an_empty_store_pulls_it(hub: FakeHub, daemon:
     assert "Paris" in ask(info["endpoint"], "smollm2-135m", "k")
     shown = sllmctl("show", "smollm2-135m", "--json")
     assert json.loads(shown.stdout)["provenance"]["repo"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # by repo id: from the HF cache (nothing downloaded), stored as org--model, and the HTTP
+    # API's model field takes the repo id too
+    repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    sent = dict(hub.sent)
+    r = sllmctl("pull", repo, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert result["name"] == "HuggingFaceTB--SmolLM2-135M-Instruct" and result["downloaded"] == 0
+    assert hub.sent == sent
+    assert "Paris" in ask(info["endpoint"], repo, "k")
