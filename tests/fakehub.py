@@ -71,6 +71,7 @@ class FakeHub:
         self.cut_after: int | None = None
         self.stall_after: int | None = None
         self.stall_name: str | None = None  # stall only this file (None: any)
+        self.stall_times: int | None = None  # stall this many GETs (None: every one)
         self.release = threading.Event()
         self.stalled = threading.Event()  # set when a GET starts to stall
         self.rate: float | None = None  # CDN bytes per second (None: as fast as it goes)
@@ -223,6 +224,10 @@ def _handler(hub: FakeHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             hub.sent[name] = hub.sent.get(name, 0) + limit
             if stall:
                 hub.stalled.set()
+                if hub.stall_times is not None:
+                    hub.stall_times -= 1
+                    if hub.stall_times <= 0:
+                        hub.stall_after = None
                 hub.release.wait(60)
             self.close_connection = True
 

@@ -165,6 +165,21 @@ def test_cut_mid_file_is_resumed_without_a_byte_twice(hub: FakeHub, opts: HubOpt
     assert r["resent"] == 0 and r["overlapped"]
 
 
+def test_a_stalled_read_is_retried_from_where_it_stopped(
+        hub: FakeHub, opts: HubOptions, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sllmctl.store.sources import hub_blob, hub_stream
+
+    monkeypatch.setattr(hub_blob, "STALL_S", 0.5)
+    hub.stall_after, hub.stall_name, hub.stall_times = 30_000, SHARD, 1  # one GET hangs
+    r = pull(PullRequest(REPO, "tiny"), opts)
+    size = (tiny / SHARD).stat().st_size
+    starts = [a for a, _ in ranges(hub, SHARD, size)]
+    assert hub.stalled.is_set() and starts[-1] == hub_stream.HEAD_BYTES + 30_000  # from there
+    assert_each_byte_once(hub, SHARD, size)
+    assert r["commit"] == hub.repos[REPO].commit
+    hub.release.set()
+
+
 def partial_size(opts: HubOptions, hub: FakeHub, name: str) -> int:
     sha = hub.repos[REPO].sha256(name)
     p = opts.cache / "models--org--tiny" / "blobs" / f"{sha}.incomplete"

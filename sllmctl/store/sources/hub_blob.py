@@ -46,7 +46,7 @@ def blob_path(storage: Path, sha256: str) -> Path:
 
 def fetch_blob(storage: Path, url: str, sha256: str, size: int, headers: dict[str, str],
                progress: Callable[[int], None], cancel: threading.Event | None = None,
-               stall_s: float = STALL_S, stop_at: int | None = None,
+               stall_s: float | None = None, stop_at: int | None = None,
                watch: Callable[[int], None] | None = None) -> Fetched:
     """Download the file at `url` (the resolved location) into `storage`'s blobs, resuming a
     partial file; returns what came over the network. With `stop_at`, only the file's first
@@ -68,7 +68,7 @@ def fetch_blob(storage: Path, url: str, sha256: str, size: int, headers: dict[st
         if stop_at is None:
             progress(state.have)
         try:
-            got = _download(state, url, headers, progress, cancel, stall_s,
+            got = _download(state, url, headers, progress, cancel, stall_s or STALL_S,
                             min(size, stop_at if stop_at is not None else size))
         finally:
             state.f.close()
