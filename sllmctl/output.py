@@ -58,19 +58,7 @@ class Out:
         if not self.interactive:
             yield Bar()
             return
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-        with Progress(
-            "[progress.description]{task.description}", *columns, console=stderr_console(),
-            transient=True,
-        ) as bar:
+        with byte_progress() as bar:
             task = bar.add_task(description, total=total or None)
             yield Bar(lambda n: bar.update(task, total=n), lambda n: bar.advance(task, n))
 
@@ -86,6 +74,21 @@ class Bar:
 
 def _ignore(_: int) -> None:
     return None
+
+
+def byte_progress() -> Any:
+    """A rich Progress on stderr counting bytes (size, rate, time left), gone when done."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    return Progress("[progress.description]{task.description}", *columns,
+                    console=stderr_console(), transient=True)
 
 
 def stdout_console() -> Any:

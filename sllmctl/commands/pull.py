@@ -160,19 +160,9 @@ def _events(out: Out, name: str) -> Iterator[Callable[[dict[str, Any]], None]]:
     if not out.interactive:
         yield lambda ev: None
         return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from sllmctl.output import byte_progress
 
-    from sllmctl.output import stderr_console
-
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=stderr_console(),
-                  transient=True) as bar:
+    with byte_progress() as bar:
         tasks: dict[str, Any] = {}
 
         def update(ev: dict[str, Any]) -> None:
