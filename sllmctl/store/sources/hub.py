@@ -133,6 +133,8 @@ def _cached_listing(repo_id: str, revision: str, opts: HubOptions) -> tuple[str,
         raise hub_error(LocalEntryNotFoundError(repo_id), repo_id, revision)
     files = []
     for p in sorted(snapshot.iterdir()):
+        if p.is_dir():  # a subfolder (original/, onnx/): never chosen
+            continue
         target = Path(os.path.realpath(p))
         sha = target.name if len(target.name) == 64 else None
         files.append(RemoteFile(p.name, target.stat().st_size, sha))
