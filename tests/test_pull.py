@@ -344,3 +344,27 @@ def test_a_disk_that_fills_up_mid_download_is_one_line(
     with pytest.raises(SllmError) as e:
         pull(PullRequest(REPO, "tiny"), opts)
     assert e.value.message.startswith("the disk is full writing ") and "\n" not in e.value.message
+
+
+def test_one_repo_under_two_names_downloads_each_file_once(hub: FakeHub, opts: HubOptions,
+                                                           tiny: Path) -> None:
+    import threading
+
+    hub.stall_after, hub.stall_name, hub.stall_times = 20_000, SHARD, 1
+    threads = [threading.Thread(target=pull, args=(PullRequest(REPO, n), opts)) for n in "ab"]
+    threads[0].start()
+    assert hub.stalled.wait(60)
+    threads[1].start()
+
+    def heads() -> int:
+        return sum(1 for m, p, _ in hub.log if m == "HEAD" and p.endswith("/" + SHARD))
+
+    deadline = time.monotonic() + 60
+    while heads() < 2:  # the second pull has reached the shard (and waits on its lock)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    hub.release.set()
+    for t in threads:
+        t.join(60)
+    assert Store().exists("a") and Store().exists("b")
+    assert_each_byte_once(hub, SHARD, (tiny / SHARD).stat().st_size)
