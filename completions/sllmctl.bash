@@ -9,7 +9,7 @@ _sllmctl() {
     local cmd="" i w
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${COMP_WORDS[i]}"
-        case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $w "*) ((i++)); continue ;; esac
+        case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --revision --file --quant --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $w "*) ((i++)); continue ;; esac
         case "$w" in -*) continue ;; esac
         if [ -z "$cmd" ]; then
             cmd="$w"
@@ -26,9 +26,9 @@ _sllmctl() {
     case " --home " in *" $prev "*)
         compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
-    case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $prev "*) COMPREPLY=(); return ;; esac
+    case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --revision --file --quant --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $prev "*) COMPREPLY=(); return ;; esac
     if [ -z "$cmd" ]; then
-        COMPREPLY=($(compgen -W "completion convert daemon demo hosts ls ps rm run serve show status unload unserve verify warm --home --version --help" -- "$cur"))
+        COMPREPLY=($(compgen -W "completion convert daemon demo hosts ls ps pull rm run serve show status unload unserve verify warm --home --version --help" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -53,15 +53,16 @@ _sllmctl() {
         "hosts rm") opts='--json --quiet -q --help'; arg=model ;;
         "ls") opts='--home --json --quiet -q --help'; arg=none ;;
         "ps") opts='--autostart --no-autostart --home --host --json --quiet -q --help'; arg=none ;;
+        "pull") opts='--revision --name -n --dtype --compress --file --quant --force --detach --cancel --list --autostart --no-autostart --home --host --json --quiet -q --help'; arg=path ;;
         "rm") opts='--yes -y --dry-run --home --json --quiet -q --help'; arg=model ;;
-        "run") opts='--system --max-tokens --temperature --top-p --top-k --seed --stop --device --home --json --quiet -q --help'; arg=model ;;
-        "serve") opts='--host --port --keep-alive --api-key --detach --autostart --no-autostart --home --daemon-host --json --quiet -q --help'; arg=model ;;
+        "run") opts='--system --max-tokens --temperature --top-p --top-k --seed --stop --device --home --no-pull --json --quiet -q --help'; arg=model ;;
+        "serve") opts='--host --port --keep-alive --api-key --detach --autostart --no-autostart --home --daemon-host --no-pull --json --quiet -q --help'; arg=model ;;
         "show") opts='--tensors --home --json --quiet -q --help'; arg=model ;;
         "status") opts='--measure --autostart --no-autostart --home --host --json --quiet -q --help'; arg=none ;;
         "unload") opts='--tier --autostart --no-autostart --home --host --json --quiet -q --help'; arg=model ;;
         "unserve") opts='--home --host --json --quiet -q --help'; arg=model ;;
         "verify") opts='--home --json --quiet -q --help'; arg=model ;;
-        "warm") opts='--tier --gpu --wait --no-wait --autostart --no-autostart --home --host --json --quiet -q --help'; arg=model ;;
+        "warm") opts='--tier --gpu --wait --no-wait --autostart --no-autostart --home --host --no-pull --json --quiet -q --help'; arg=model ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

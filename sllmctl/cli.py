@@ -19,6 +19,7 @@ from sllmctl.commands import (
     demo,
     hosts,
     ls,
+    pull,
     rm,
     run,
     serve,
@@ -43,8 +44,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (convert, ls, show, rm, verify, warm, unload, status, serve, unserve, run, demo,
-               completion):
+for module in (convert, pull, ls, show, rm, verify, warm, unload, status, serve, unserve, run,
+               demo, completion):
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)

@@ -63,19 +63,7 @@ class Out:
         if not self.interactive:
             yield Bar()
             return
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-        with Progress(
-            "[progress.description]{task.description}", *columns, console=stderr_console(),
-            transient=True,
-        ) as bar:
+        with byte_progress() as bar:
             task = bar.add_task(description, total=total or None)
             yield Bar(lambda n: bar.update(task, total=n), lambda n: bar.advance(task, n))
 
@@ -94,6 +82,21 @@ def _ignore(_: int) -> None:
 
 
 NO_WRAP_WIDTH = 4096  # piped output: one row per line, whatever the terminal's width
+
+
+def byte_progress() -> Any:
+    """A rich Progress on stderr counting bytes (size, rate, time left), gone when done."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    return Progress("[progress.description]{task.description}", *columns,
+                    console=stderr_console(), transient=True)
 
 
 def stdout_console() -> Any:

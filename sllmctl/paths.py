@@ -7,6 +7,7 @@
 | config file | SLLMCTL_CONFIG      |             | ~/.config/sllmctl/config.toml              |
 | autostart   | SLLMCTL_AUTOSTART   | autostart   | on (the daemon starts on first use)        |
 | compress    | SLLMCTL_COMPRESS    | compress    | off (`convert` writes plain data files)    |
+| pull        | SLLMCTL_PULL        | pull        | missing (`never`: serve/run/warm never pull) |
 
 The store lives under `<home>/models`. Nothing is read until a command needs it.
 """

@@ -30,6 +30,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "serve": {"name": "m", "host": "0.0.0.0", "port": 9000, "keep_alive": -1,
               "api_key": "k"},
     "unserve": {"name": "m"},
+    "pull": {"repo": "org/m-1", "name": "org--m-1", "revision": "v1.0", "dtype": "f16",
+             "compress": True, "file": "m.Q4_K_M.gguf", "quant": "Q4_K_M", "force": True,
+             "endpoint": "http://127.0.0.1:9", "token": "hf_x", "cache_dir": "/tmp/hf",
+             "offline": True, "cancel": True},
     "shutdown": {},
     "reload": {},
 }
@@ -50,6 +54,11 @@ MALFORMED: list[tuple[str, str, Any]] = [
     ("serve", "api_key", ""), ("serve", "api_key", 5), ("serve", "api_key", "k\u00e9y"),
     ("serve", "api_key", "a key"), ("serve", "host", "\ud800"), ("serve", "host", "a b"),
     ("unserve", "name", 1.5),
+    ("pull", "repo", "noslash"), ("pull", "repo", "a/b/c"), ("pull", "repo", "../x"),
+    ("pull", "repo", "org/.."), ("pull", "name", "org/m"), ("pull", "revision", "../main"),
+    ("pull", "revision", ""), ("pull", "dtype", "int4"), ("pull", "compress", 1),
+    ("pull", "offline", "yes"), ("pull", "file", "../x.gguf"), ("pull", "file", "x.bin"),
+    ("pull", "endpoint", "file:///etc"), ("pull", "token", ""), ("pull", "cancel", None),
 ]
 
 
@@ -105,6 +114,7 @@ def test_serving_beyond_loopback_wants_a_key() -> None:
 
 
 def test_secrets_are_redacted() -> None:
+    assert messages.decode("pull", EXAMPLES["pull"]).public_args()["token"] == messages.REDACTED
     msg = messages.decode("serve", EXAMPLES["serve"])
     assert msg.api_key == "k" and msg.public_args()["api_key"] == messages.REDACTED
     assert messages.decode("serve", {"name": "m"}).public_args()["api_key"] is None

@@ -23,10 +23,12 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Remove models from the store."""
+    from sllmctl.catalogue import stored_name
     from sllmctl.store.store import Store
 
     out = Out(json, quiet)
     store = Store()
+    names = [stored_name(n) for n in names]  # a repo id names the model pulled as org--model
     for name in names:
         store.path(name)  # fail before removing anything if one name is wrong
     if not (yes or dry_run):

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, quiet_opt
+from sllmctl.commands.pull import NoPullOpt, ensure_model
 from sllmctl.output import Out
 
 NAME = "run"
@@ -16,7 +17,7 @@ QuietAnswer = Annotated[bool, quiet_opt(
 
 
 def command(
-    name: Annotated[str, typer.Argument(help="Model name.")],
+    name: Annotated[str, typer.Argument(help="Model name, catalogue name or Hub repo id.")],
     prompt: Annotated[Optional[str], typer.Argument(help="The question; read from stdin "  # noqa: UP045
                                                      "when absent and stdin is not a terminal; "
                                                      "a chat when it is.")] = None,
@@ -30,6 +31,7 @@ def command(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N "  # noqa: UP045
                                                   "(default: cuda if present).")] = None,
     home: HomeOpt = None,
+    no_pull: NoPullOpt = False,
     json: JsonOpt = False,
     quiet: QuietAnswer = False,
 ) -> None:
@@ -47,6 +49,8 @@ def command(
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise UsageError("no prompt: give one as an argument or on stdin")
+    out = Out(json, quiet)
+    name = ensure_model(name, no_pull, out)  # pulls a catalogue name or repo id
     model = ChatModel.load(name, device)
     system_messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system \
         else []

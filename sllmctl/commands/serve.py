@@ -9,6 +9,7 @@ import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt, seconds
 from sllmctl.commands._daemon_opts import AutostartOpt, DaemonHostOpt
+from sllmctl.commands.pull import NoPullOpt, ensure_model
 from sllmctl.output import Out
 
 NAME = "serve"
@@ -16,7 +17,7 @@ DEFAULT_PORT = 8080
 
 
 def command(
-    name: Annotated[str, typer.Argument(help="Model name.")],
+    name: Annotated[str, typer.Argument(help="Model name, catalogue name or Hub repo id.")],
     host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told "
                                       "otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = DEFAULT_PORT,
@@ -30,6 +31,7 @@ def command(
     autostart: AutostartOpt = None,
     home: HomeOpt = None,
     daemon_host: DaemonHostOpt = None,
+    no_pull: NoPullOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -37,6 +39,7 @@ def command(
     from sllmctl.wire.client import connect
 
     out = Out(json, quiet)
+    name = ensure_model(name, no_pull, out, autostart)  # pulls a catalogue name or repo id
     args: dict[str, Any] = {"name": name, "host": host, "port": port,
                             "keep_alive": seconds(keep_alive, "--keep-alive"),
                             "api_key": api_key}

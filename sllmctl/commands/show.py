@@ -15,8 +15,10 @@ NAME = "show"
 
 
 def describe(name: str, tensors: bool) -> dict[str, Any]:
+    from sllmctl.catalogue import stored_name
     from sllmctl.store.store import Store
 
+    name = stored_name(name)  # a repo id names the model pulled as org--model
     model = Store().get(name)
     m = model.manifest
     by_dtype: dict[str, int] = {}

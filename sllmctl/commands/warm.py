@@ -8,13 +8,14 @@ import typer
 
 from sllmctl.commands._common import HomeOpt, JsonOpt, QuietOpt
 from sllmctl.commands._daemon_opts import AutostartOpt, HostOpt
+from sllmctl.commands.pull import NoPullOpt, ensure_model
 from sllmctl.output import Out, human_size
 
 NAME = "warm"
 
 
 def command(
-    name: Annotated[str, typer.Argument(help="Model name.")],
+    name: Annotated[str, typer.Argument(help="Model name, catalogue name or Hub repo id.")],
     tier: Annotated[str, typer.Option("--tier", help="dram or gpu.")] = "dram",
     gpu: Annotated[Optional[int], typer.Option("--gpu", help="GPU index (default: the one "  # noqa: UP045
                                                 "with the most free memory).")] = None,
@@ -23,6 +24,7 @@ def command(
     autostart: AutostartOpt = None,
     home: HomeOpt = None,
     host: HostOpt = None,
+    no_pull: NoPullOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -33,6 +35,7 @@ def command(
     if tier not in ("dram", "gpu"):
         raise UsageError(f"unknown tier {tier!r}", hint="use --tier dram or --tier gpu")
     out = Out(json, quiet)
+    name = ensure_model(name, no_pull, out, autostart)  # pulls a catalogue name or repo id
     args: dict[str, Any] = {"name": name, "tier": tier, "gpu": gpu}
     client = connect(autostart)
     if not wait:

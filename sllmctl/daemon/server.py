@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from sllmctl import paths
-from sllmctl.daemon import guard, ops_daemon, ops_serving, ops_tiers
+from sllmctl.daemon import guard, ops_daemon, ops_pull, ops_serving, ops_tiers
 from sllmctl.daemon.bandwidth import sweep
 from sllmctl.daemon.sizes import dram_pool
 from sllmctl.daemon.state import Job, Settings, State
@@ -61,6 +61,7 @@ HANDLERS: dict[str, Handler] = {
     "measure": ops_tiers.measure,
     "serve": ops_serving.serve,
     "unserve": ops_serving.unserve,
+    "pull": ops_pull.pull,
 }
 assert set(HANDLERS) == set(messages.OPS)
 

@@ -71,6 +71,7 @@ class State:
         self.bandwidth: dict[str, Any] | None = load_cached(self.bandwidth_file)
         self.jobs: dict[str, Job] = {}
         self.jobs_lock = threading.Lock()
+        self.pulls: dict[str, Any] = {}  # model name -> ops_pull.Shared, under jobs_lock
         self.http = HttpSide()
         self.guard: Any = None  # guard.Guard: who may ask what (set by the socket loop)
         self.log_file = _log_file()

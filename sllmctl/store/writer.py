@@ -60,8 +60,14 @@ def convert(
     on_total: Callable[[int], None] | None = None,
     max_file_size: int = MAX_FILE_SIZE,
     compress: bool | str = False,
+    provenance: dict[str, Any] | None = None,
+    source: Source | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> Manifest:
     """Convert the checkpoint at `src` into the store as `name`; returns its manifest.
+    `provenance` is added to the manifest's (a pull records the repo and commit there).
+    `source` is read instead of opening `src` (a pull's tensors, as they arrive); `ready`
+    runs once everything is written, before the model is published, and may refuse it.
 
     `compress` stores the data files encoded (codec.py: the high byte of each 16-bit word
     zstd-compressed), for disks slower than the CPU's decoding; or an encoding's name:
@@ -75,7 +81,8 @@ def convert(
         raise AlreadyExists(
             f"model {name!r} already exists", hint="add --force to replace it, or pick a name"
         )
-    source = open_source(src, target)
+    source = source or open_source(src, target)
+    source.provenance.update(provenance or {})
     try:
         store.root.mkdir(parents=True, exist_ok=True)
         store.collect_garbage()
@@ -83,6 +90,8 @@ def convert(
         try:
             manifest = _write(source, name, target, tmp, progress, on_total, max_file_size,
                               compress)
+            if ready is not None:
+                ready()
             store.publish(name, tmp)
         except BaseException:
             import shutil

@@ -33,7 +33,7 @@ _REQUIRED = object()
 class Rule:
     """What one argument may be."""
 
-    kind: type  # str, int or float (an int is taken as a float; a bool is neither)
+    kind: type  # str, int, float or bool (an int is taken as a float; a bool is only a bool)
     nullable: bool = False
     lo: float | None = None  # numbers: the range; strings: the length
     hi: float | None = None
@@ -109,12 +109,15 @@ def _check(op: str, name: str, rule: Rule, value: Any) -> Any:
 
 def _of_kind(value: Any, kind: type) -> bool:
     """An int is a float too; a bool is neither."""
+    if kind is bool:
+        return isinstance(value, bool)
     return not isinstance(value, bool) and isinstance(value, int | float if kind is float
                                                       else kind)
 
 
 def _kind(rule: Rule) -> str:
-    what = {str: "a string", int: "an integer", float: "a number"}[rule.kind]
+    what = {str: "a string", int: "an integer", float: "a number",
+            bool: "true or false"}[rule.kind]
     if rule.kind is str and (rule.lo, rule.hi) != (None, None):
         what += f" of {rule.lo or 0:g} to {rule.hi:g} characters"
     elif (rule.lo, rule.hi) != (None, None):
@@ -212,6 +215,45 @@ class Unserve(Message):
         _model_name(self.op, self.name)
 
 
+REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,255}")
+
+
+@dataclass
+class Pull(Message):
+    """A model from the Hugging Face Hub into the store (ops_pull.py). The hub fields carry
+    the client's HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE (null: the daemon's
+    own). `cancel` cancels the pull of `name` in flight instead."""
+
+    op = "pull"
+    repo: str = arg(str)
+    name: str = arg(str)
+    revision: str = arg(str, "main", lo=1, hi=256)
+    dtype: str | None = arg(str, None, nullable=True, choices=("bf16", "f16", "f32", "f64"))
+    compress: bool = arg(bool, False)
+    file: str | None = arg(str, None, nullable=True, lo=1, hi=255)
+    quant: str | None = arg(str, None, nullable=True, lo=1, hi=32)
+    force: bool = arg(bool, False)
+    endpoint: str | None = arg(str, None, nullable=True, lo=1, hi=1024)
+    token: str | None = arg(str, None, nullable=True, lo=1, hi=1024, secret=True)
+    cache_dir: str | None = arg(str, None, nullable=True, lo=1, hi=4096)
+    offline: bool | None = arg(bool, None, nullable=True)
+    cancel: bool = arg(bool, False)
+
+    def check(self) -> None:
+        _model_name(self.op, self.name)
+        if not REPO_RE.fullmatch(self.repo) or ".." in self.repo:
+            raise BadRequest(f"pull: repo must be a Hub repo id (org/name), not "
+                             f"{show(self.repo)}", field="repo")
+        if not REVISION_RE.fullmatch(self.revision) or ".." in self.revision:
+            raise BadRequest(f"pull: invalid revision {show(self.revision)}", field="revision")
+        if self.file is not None and ("/" in self.file or not self.file.endswith(".gguf")):
+            raise BadRequest("pull: file must name a .gguf file at the repo's top level",
+                             field="file")
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise BadRequest("pull: endpoint must be an http(s) URL", field="endpoint")
+
+
 @dataclass
 class Shutdown(Message):
     op = "shutdown"
@@ -227,7 +269,8 @@ class Reload(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    m.op: m for m in (Ping, Status, Warm, Unload, Measure, Serve, Unserve, Shutdown, Reload)}
+    m.op: m for m in (Ping, Status, Warm, Unload, Measure, Serve, Unserve, Pull, Shutdown,
+                      Reload)}
 OPS = tuple(MESSAGES)
 FAST_OPS = frozenset(op for op, m in MESSAGES.items() if m.fast)
 

@@ -83,7 +83,10 @@ class Api:
         """The response; a whole answer is counted here, a stream when it ends."""
         self.check_key(request)
         ask = params.parse(params.parse_json(await _body(request, self.max_body)), kind)
-        if ask.model not in self.models():
+        names = self.models()
+        if ask.model not in names and ask.model.replace("/", "--") in names:
+            ask.model = ask.model.replace("/", "--")  # a repo id: pulled as org--model
+        if ask.model not in names:
             raise ApiError(404, f"model {ask.model!r} does not exist", param="model",
                            code="model_not_found")
         request.state.model = ask.model  # a stored name: safe as a metrics label
