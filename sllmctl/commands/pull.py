@@ -25,6 +25,12 @@ NoPullOpt = Annotated[bool, typer.Option("--no-pull", help="Never download: a mo
                                          "the store is an error (also SLLMCTL_PULL=never).")]
 
 
+def _connect(autostart: bool | None) -> Any:
+    from sllmctl.wire.client import connect
+
+    return connect(autostart)
+
+
 def command(
     model: Annotated[Optional[str], typer.Argument(  # noqa: UP045
         help="A Hub repo id (org/name) or a catalogue name (see --list).")] = None,
@@ -69,9 +75,7 @@ def command(
     if model is None:
         raise UsageError("name a repo id or a catalogue name", hint="sllmctl pull --list")
     args = pull_args(model, name, revision, dtype, compress, file, quant, force)
-    from sllmctl.wire.client import connect
-
-    client = connect(autostart)
+    client = _connect(autostart)
     if cancel:
         result = client.call("pull", {**args, "cancel": True})
         out.result(result, lambda: print(f"cancelled the pull of {args['name']}" if
