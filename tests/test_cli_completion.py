@@ -40,7 +40,7 @@ def test_bash_completes_daemon_subcommands_and_fixed_values(tmp_path: Path) -> N
     script = str(ROOT / "completions" / "sllmctl.bash")
     assert {"daemon", "unserve", "completion"} <= set(complete(script, "sllmctl", ""))
     assert complete(script, "sllmctl", "daemon", "") == [
-        "logs", "restart", "start", "status", "stop", "--help"]
+        "keys", "logs", "reload", "restart", "start", "status", "stop", "--help"]
     assert "--dram-pool" in complete(script, "sllmctl", "daemon", "start", "--")
     assert "--follow" in complete(script, "sllmctl", "daemon", "logs", "-")
     assert complete(script, "sllmctl", "warm", "m", "--tier", "") == ["dram", "gpu"]
