@@ -19,6 +19,7 @@ from sllmctl.commands import (
     demo,
     hosts,
     ls,
+    migrate,
     rm,
     run,
     serve,
@@ -52,6 +53,7 @@ app.add_typer(daemon.app, name=daemon.NAME)
 daemon.app.command("keys")(daemon_keys.keys)
 daemon.app.command("reload")(daemon_keys.reload)
 app.add_typer(hosts.app, name=hosts.NAME)
+app.command(name=migrate.NAME)(migrate.command)  # issue 17 (h/migrate)
 
 
 def _version(value: bool) -> None:
