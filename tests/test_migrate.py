@@ -41,8 +41,9 @@ c = openai.OpenAI(base_url="http://127.0.0.1:%d/v1", api_key="x", timeout=300)
 lock = threading.Lock()
 def ask(i, prompt):
     text, n, finish = "", 0, None
-    for ch in c.chat.completions.create(model=%r, stream=True, temperature=0,
-            max_tokens=%d, messages=[{"role": "user", "content": prompt}]):
+    prompt, sampling = prompt if isinstance(prompt, list) else (prompt, {"temperature": 0})
+    for ch in c.chat.completions.create(model=%r, stream=True, max_tokens=%d,
+            messages=[{"role": "user", "content": prompt}], **sampling):
         if ch.choices and ch.choices[0].delta.content:
             text += ch.choices[0].delta.content
             n += 1
@@ -110,7 +111,7 @@ class Pair:
                 return
             time.sleep(0.1)
 
-    def streams(self, prompts: list[str], migrate_after: int | None = None,
+    def streams(self, prompts: list[Any], migrate_after: int | None = None,
                 then: Callable[[], None] | None = None) -> tuple[list[Any], Any]:
         """Stream `prompts` at once; once each has `migrate_after` chunks, migrate every
         running request to h1 (then `then()`). The final line of each, and the report."""
@@ -126,6 +127,7 @@ class Pair:
             seen[doc["i"]] = doc["n"]
             if migrate_after and report is None and min(seen.values()) >= migrate_after:
                 report = self.sllmctl(0, "migrate", MODEL, "--to", "h1")
+                print(json.dumps(report))  # the figures, under pytest -s
                 if then is not None:
                     then()
         assert client.wait(timeout=300) == 0 and len(ends) == len(prompts)
@@ -168,6 +170,11 @@ def test_a_migrated_stream_is_the_unmigrated_text(pair: Pair) -> None:
     assert r["status"] == "moved" and r["mode"] == "tokens", report
     assert r["rounds"] >= 1 and r["tokens_recomputed"] > 0 and r["pause_s"] >= 0
     assert r["total_s"] >= r["pause_s"]
+    # sampled with a fixed seed: the random generator's state moves with the request
+    seeded = [[PROMPTS[0], {"temperature": 0.8, "seed": 7}]]
+    alone, _ = pair.streams(seeded)
+    moved, report = pair.streams(seeded, migrate_after=4)
+    assert report["requests"][0]["status"] == "moved" and moved == alone
     # several streams migrated at once each end as they would have
     together, _ = pair.streams(PROMPTS)
     moved, report = pair.streams(PROMPTS, migrate_after=4)
