@@ -24,7 +24,6 @@ from netbed import Bed, HostDirs, netbed_fixture  # noqa: F401
 
 from sllmctl.wire import keys
 
-pytestmark = [pytest.mark.daemon, pytest.mark.slow]
 TESTS = Path(__file__).resolve().parent
 PYTHONPATH = os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH"))
                              if p)
@@ -37,12 +36,12 @@ MAX_TOKENS = 160
 # the openai client, streaming each prompt of argv[1] at once; one JSON line per chunk
 CLIENT = """
 import json, sys, threading, openai
-c = openai.OpenAI(base_url="http://127.0.0.1:%d/v1", api_key="x", timeout=300)
+c = openai.OpenAI(base_url="http://127.0.0.1:PORT/v1", api_key="x", timeout=300)
 lock = threading.Lock()
 def ask(i, prompt):
     text, n, finish = "", 0, None
     prompt, sampling = prompt if isinstance(prompt, list) else (prompt, {"temperature": 0})
-    for ch in c.chat.completions.create(model=%r, stream=True, max_tokens=%d,
+    for ch in c.chat.completions.create(model="MODEL", stream=True, max_tokens=MAX,
             messages=[{"role": "user", "content": prompt}], **sampling):
         if ch.choices and ch.choices[0].delta.content:
             text += ch.choices[0].delta.content
@@ -56,7 +55,7 @@ def ask(i, prompt):
 ts = [threading.Thread(target=ask, args=a) for a in enumerate(json.loads(sys.argv[1]))]
 [t.start() for t in ts]
 [t.join() for t in ts]
-""" % (HTTP, MODEL, MAX_TOKENS)
+""".replace("PORT", str(HTTP)).replace("MODEL", MODEL).replace("MAX", str(MAX_TOKENS))
 
 
 class Pair:
@@ -155,6 +154,8 @@ def pair(netbed: Callable[..., Bed], tmp_path: Path) -> Pair:
     return p
 
 
+@pytest.mark.daemon
+@pytest.mark.slow
 def test_a_migrated_stream_is_the_unmigrated_text(pair: Pair) -> None:
     alone, _ = pair.streams(PROMPTS[:1])
     assert alone[0]["finish"] == "length"  # long enough to be moved mid-way
@@ -183,6 +184,8 @@ def test_a_migrated_stream_is_the_unmigrated_text(pair: Pair) -> None:
     assert len(report["requests"]) == len(PROMPTS)
 
 
+@pytest.mark.daemon
+@pytest.mark.slow
 def test_a_destination_killed_after_the_hand_over(pair: Pair) -> None:
     pair.admit_source()
     alone, _ = pair.streams(PROMPTS[:1])
@@ -192,3 +195,72 @@ def test_a_destination_killed_after_the_hand_over(pair: Pair) -> None:
     assert pair.daemons[1].wait(timeout=30) == -signal.SIGKILL
     assert moved == alone  # taken back by the source, nothing lost
     assert "the request goes on here" in pair.log(0)
+
+
+# ------------------------------------------------------------ the mechanism, in one process
+def test_a_detached_request_keeps_its_stream_and_goes_on_elsewhere() -> None:
+    """Snapshot between two steps, detach, continue on a second engine and relay its tokens
+    into the first request's stream: the stream is the unmigrated one."""
+    from test_batch import prompts, tiny_model
+
+    from sllmctl.engine.batch import BatchEngine
+    from sllmctl.engine.request import Request, SamplingParams
+    from sllmctl.engine.sampling import generate
+
+    model, p = tiny_model(), prompts()[4]
+    want = generate(model, p, 20, eos_ids=[])
+    first, second = (BatchEngine(tiny_model(), slots=2, max_len=64) for _ in range(2))
+    try:
+        req = Request(p, SamplingParams(max_tokens=20))
+        stream = first.add(req)
+        got = [next(stream) for _ in range(3)]
+        snap = first.at_step(req.to_dict).result(10)
+        assert first.at_step(lambda: first.scheduler.detach(req)).result(10)
+        assert first.scheduler.running() == [] and req.finish is None
+        copy = Request.from_dict(json.loads(json.dumps(snap)))
+        for at, token in enumerate(second.add(copy), len(snap["tokens"])):
+            if at >= len(req.tokens):  # the relay: past the source's last token
+                req.tokens.append(token)
+                req.out.put(token)
+        req.end(copy.finish or "length")
+        got += list(stream)
+        assert got == want and req.tokens == want and req.finish == "length"
+        done = Request(p, SamplingParams(max_tokens=1))
+        list(first.add(done))
+        assert not first.at_step(lambda: first.scheduler.detach(done)).result(10)
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("state", [
+    "not json", "[]", "{}", json.dumps({"prompt": [1], "params": {"max_tokens": "9"}}),
+])
+def test_a_malformed_state_is_a_bad_request(state: str) -> None:
+    from sllmctl.daemon.ops_migrate import _rebuild
+    from sllmctl.wire.codes import BadRequest
+
+    with pytest.raises(BadRequest) as e:
+        _rebuild(state)
+    assert e.value.field == "state"
+
+
+def test_a_state_is_checked_against_the_model() -> None:
+    from sllmctl.daemon.ops_migrate import _fits, _rebuild
+    from sllmctl.engine.request import Request, SamplingParams
+    from sllmctl.wire.codes import BadRequest
+
+    good = Request([1, 2, 3], SamplingParams(max_tokens=5, seed=3))
+    req = _rebuild(json.dumps(good.to_dict()))
+    _fits(req, 10, torch_device("cpu"))
+    with pytest.raises(BadRequest, match="ids below 3"):
+        _fits(req, 3, torch_device("cpu"))
+    good.finish = "stop"
+    with pytest.raises(BadRequest, match="already ended"):
+        _rebuild(json.dumps(good.to_dict()))
+
+
+def torch_device(name: str) -> Any:
+    import torch
+
+    return torch.device(name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -47,13 +48,13 @@ _incoming_lock = threading.Lock()
 
 # ------------------------------------------------------------ the destination
 def migrate_in(state: State, msg: MigrateIn, progress: Callable[..., None]) -> dict[str, Any]:
+    req = _rebuild(msg.state)  # a malformed state is refused before anything loads
     host = _host(state)
     served = host.get(msg.name, request=False)
     try:
         chat = served.model
         host.wait_loaded(served)
-        req = _rebuild(msg.state, chat.model.config.vocab,
-                       chat.model.embed_tokens.weight.device)
+        _fits(req, chat.model.config.vocab, chat.model.embed_tokens.weight.device)
         with _incoming_lock:
             old = _incoming.get(msg.migration)
             _incoming[msg.migration] = req
@@ -89,21 +90,44 @@ def _host(state: State) -> Any:
         return side.host
 
 
-def _rebuild(text: str, vocab: int, device: Any) -> Request:
+def _rebuild(text: str) -> Request:
     """A request from the source's state; anything malformed is a bad request."""
     try:
-        d = json.loads(text)
-        req = Request.from_dict(d, device=device)
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise BadRequest(f"migrate_in: state is not a request's state ({str(e)[:80]})",
+        req = Request.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, SllmError) as e:
+        why = e.message if isinstance(e, SllmError) else str(e)
+        raise BadRequest(f"migrate_in: state is not a request's state ({why[:80]})",
                          field="state") from None
-    ids = req.prompt + req.tokens
-    if not req.prompt or not all(type(t) is int and 0 <= t < vocab for t in ids):
-        raise BadRequest(f"migrate_in: state's tokens must be ids below {vocab}",
+    p = req.params
+    if not (_int(p.max_tokens) and p.max_tokens > 0 and _int(p.top_k) and _number(p.temperature)
+            and _number(p.top_p) and (p.seed is None or _int(p.seed))
+            and isinstance(p.stop, list) and all(isinstance(x, str) for x in p.stop)
+            and all(_int(t) for t in req.eos)):
+        raise BadRequest("migrate_in: state's sampling parameters are malformed",
                          field="state")
     if req.finish is not None:
         raise BadRequest("migrate_in: the request has already ended", field="state")
     return req
+
+
+def _int(x: Any) -> bool:
+    return type(x) is int
+
+
+def _number(x: Any) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def _fits(req: Request, vocab: int, device: Any) -> None:
+    """The request's tokens are ids of this model, its generator of this device's type."""
+    ids = req.prompt + req.tokens
+    if not req.prompt or not all(type(t) is int and 0 <= t < vocab for t in ids):
+        raise BadRequest(f"migrate_in: state's tokens must be ids below {vocab}",
+                         field="state")
+    g = req.generator
+    if g is not None and g.device.type != device.type:
+        raise BadRequest(f"migrate_in: a {g.device.type} random generator cannot continue "
+                         f"on {device.type}", field="state")
 
 
 # ------------------------------------------------------------ the source
