@@ -78,6 +78,7 @@ class Pair:
 
     def start(self, i: int) -> None:
         dirs = self.dst if i else self.src
+        (dirs.runtime / "daemon.json").unlink(missing_ok=True)  # left by one killed
         argv = [sys.executable, "-m", "sllmctl", "daemon", "start", "--foreground", "--listen",
                 f"{self.bed.nodes[i].addr}:{PORT}", "--dram-pool", "1GiB", "--measure-bytes",
                 "1048576"]
@@ -110,8 +111,23 @@ class Pair:
                 return
             time.sleep(0.1)
 
+    def migrate(self, then: Callable[[], None] | None = None, during: bool = False) -> Any:
+        """`sllmctl migrate MODEL --to h1` on host 0; `then()` after it (`during`: as soon
+        as it has started)."""
+        argv = [sys.executable, "-m", "sllmctl", "migrate", MODEL, "--to", "h1", "--json"]
+        proc = subprocess.Popen(self.bed.argv(0, argv), stdout=subprocess.PIPE, text=True,
+                                env=self.env(0, self.ann))
+        if then is not None and during:
+            then()
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, self.log(0)[-3000:]
+        if then is not None and not during:
+            then()
+        return json.loads(out)
+
     def streams(self, prompts: list[Any], migrate_after: int | None = None,
-                then: Callable[[], None] | None = None) -> tuple[list[Any], Any]:
+                then: Callable[[], None] | None = None,
+                during: bool = False) -> tuple[list[Any], Any]:
         """Stream `prompts` at once; once each has `migrate_after` chunks, migrate every
         running request to h1 (then `then()`). The final line of each, and the report."""
         client = self.bed.spawn(0, [sys.executable, "-c", CLIENT, json.dumps(prompts)],
@@ -125,10 +141,8 @@ class Pair:
                 continue
             seen[doc["i"]] = doc["n"]
             if migrate_after and report is None and min(seen.values()) >= migrate_after:
-                report = self.sllmctl(0, "migrate", MODEL, "--to", "h1")
+                report = self.migrate(then, during)
                 print(json.dumps(report))  # the figures, under pytest -s
-                if then is not None:
-                    then()
         assert client.wait(timeout=300) == 0 and len(ends) == len(prompts)
         return [ends[i] for i in range(len(prompts))], report
 
@@ -195,6 +209,14 @@ def test_a_destination_killed_after_the_hand_over(pair: Pair) -> None:
     assert pair.daemons[1].wait(timeout=30) == -signal.SIGKILL
     assert moved == alone  # taken back by the source, nothing lost
     assert "the request goes on here" in pair.log(0)
+    # killed while the migration starts: whether before or after the hand-over, the request
+    # goes on at the source
+    pair.start(1)
+    pair.sllmctl(1, "serve", MODEL, "--port", str(HTTP), "--detach")
+    moved, report = pair.streams(PROMPTS[:1], migrate_after=4, during=True,
+                                 then=lambda: pair.daemons[1].send_signal(signal.SIGKILL))
+    assert moved == alone
+    assert report["requests"][0]["status"] in ("stayed", "moved")
 
 
 # ------------------------------------------------------------ the mechanism, in one process
