@@ -126,8 +126,8 @@ class Pair:
         return json.loads(out)
 
     def streams(self, prompts: list[Any], migrate_after: int | None = None,
-                then: Callable[[], None] | None = None,
-                during: bool = False) -> tuple[list[Any], Any]:
+                then: Callable[[], None] | None = None, during: bool = False,
+                before: Callable[[], None] | None = None) -> tuple[list[Any], Any]:
         """Stream `prompts` at once; once each has `migrate_after` chunks, migrate every
         running request to h1 (then `then()`). The final line of each, and the report."""
         client = self.bed.spawn(0, [sys.executable, "-c", CLIENT, json.dumps(prompts)],
@@ -141,6 +141,8 @@ class Pair:
                 continue
             seen[doc["i"]] = doc["n"]
             if migrate_after and report is None and min(seen.values()) >= migrate_after:
+                if before is not None:
+                    before()
                 report = self.migrate(then, during)
                 print(json.dumps(report))  # the figures, under pytest -s
         assert client.wait(timeout=300) == 0 and len(ends) == len(prompts)
@@ -173,8 +175,14 @@ def pair(netbed: Callable[..., Bed], tmp_path: Path) -> Pair:
 def test_a_migrated_stream_is_the_unmigrated_text(pair: Pair) -> None:
     alone, _ = pair.streams(PROMPTS[:1])
     assert alone[0]["finish"] == "length"  # long enough to be moved mid-way
+    listed = []
     # the destination does not admit the source yet: refused, the request goes on here
-    again, report = pair.streams(PROMPTS[:1], migrate_after=4)
+    again, report = pair.streams(PROMPTS[:1], migrate_after=4, before=lambda: listed.append(
+        pair.sllmctl(0, "migrate", MODEL, "--to", "h1", "--dry-run")))
+    (dry,) = listed
+    assert dry["dry_run"] and [r["id"] for r in dry["requests"]] == [
+        r["id"] for r in report["requests"]]
+    assert dry["requests"][0]["context"] > dry["requests"][0]["tokens"] >= 4
     assert again == alone
     assert [r["status"] for r in report["requests"]] == ["stayed"]
     assert "refused" in report["requests"][0]["error"]
@@ -286,3 +294,20 @@ def torch_device(name: str) -> Any:
     import torch
 
     return torch.device(name)
+
+
+def test_the_report_for_people() -> None:
+    from sllmctl.commands.migrate import _human
+
+    head = {"name": "m", "to": "h1", "mode": "tokens", "dry_run": False}
+    moved = {"id": "req-1", "mode": "tokens", "status": "moved", "rounds": 2,
+             "tokens_recomputed": 90, "pause_s": 0.0123, "total_s": 1.5}
+    stayed = {"id": "req-2", "mode": "tokens", "status": "stayed", "rounds": 1,
+              "tokens_recomputed": 0, "error": "h1 did not answer"}
+    assert _human(head | {"requests": [moved, stayed]}).splitlines() == [
+        "req-1: moved, tokens mode, 2 round(s), 90 tokens recomputed, pause 12 ms, "
+        "total 1.50 s",
+        "req-2: stayed, tokens mode, 1 round(s), 0 tokens recomputed (h1 did not answer)"]
+    assert _human(head | {"requests": []}) == "m: no running request to move"
+    assert _human(head | {"dry_run": True, "requests": [
+        {"id": "req-1", "context": 50, "tokens": 9}]}) == "would move req-1 (50 tokens) to h1"
