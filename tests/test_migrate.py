@@ -202,8 +202,8 @@ def test_a_migrated_stream_is_the_unmigrated_text(pair: Pair) -> None:
     together, _ = pair.streams(PROMPTS)
     moved, report = pair.streams(PROMPTS, migrate_after=4)
     assert moved == together
-    assert {r["status"] for r in report["requests"]} <= {"moved", "completed"}
-    assert len(report["requests"]) == len(PROMPTS)
+    statuses = [r["status"] for r in report["requests"]]  # a short answer may end first
+    assert "moved" in statuses and set(statuses) <= {"moved", "completed"}
 
 
 @pytest.mark.daemon
