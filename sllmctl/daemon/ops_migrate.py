@@ -221,8 +221,8 @@ class Move:
         start = time.perf_counter()
         try:
             call = self._rounds()
-        except SllmError as e:  # refused or unreachable before the hand-over: stays here
-            self.report["error"] = e.message
+        except Exception as e:  # refused or unreachable before the hand-over: stays here
+            self.report["error"] = e.message if isinstance(e, SllmError) else repr(e)[:200]
             self._end_peer()
             return
         if call is None:
