@@ -9,7 +9,7 @@ _sllmctl() {
     local cmd="" i w
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${COMP_WORDS[i]}"
-        case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --revision --file --quant --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $w "*) ((i++)); continue ;; esac
+        case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --to --request --from --revision --file --quant --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $w "*) ((i++)); continue ;; esac
         case "$w" in -*) continue ;; esac
         if [ -z "$cmd" ]; then
             cmd="$w"
@@ -26,9 +26,9 @@ _sllmctl() {
     case " --home " in *" $prev "*)
         compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
-    case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --revision --file --quant --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $prev "*) COMPREPLY=(); return ;; esac
+    case " --name -n --dtype --home --lines --host --listen --dram-pool --measure-bytes --key --to --request --from --revision --file --quant --system --max-tokens --temperature --top-p --top-k --seed --stop --device --port --keep-alive --api-key --daemon-host --tier --gpu " in *" $prev "*) COMPREPLY=(); return ;; esac
     if [ -z "$cmd" ]; then
-        COMPREPLY=($(compgen -W "completion convert daemon demo hosts ls ps pull rm run serve show status unload unserve verify warm --home --version --help" -- "$cur"))
+        COMPREPLY=($(compgen -W "completion convert daemon demo hosts ls migrate ps pull rm run serve show status unload unserve verify warm --home --version --help" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -52,6 +52,7 @@ _sllmctl() {
         "hosts ls") opts='--json --quiet -q --help'; arg=none ;;
         "hosts rm") opts='--json --quiet -q --help'; arg=model ;;
         "ls") opts='--home --json --quiet -q --help'; arg=none ;;
+        "migrate") opts='--to --request --dry-run --from --autostart --no-autostart --home --json --quiet -q --help'; arg=model ;;
         "ps") opts='--autostart --no-autostart --home --host --json --quiet -q --help'; arg=none ;;
         "pull") opts='--revision --name -n --dtype --compress --file --quant --force --detach --cancel --list --autostart --no-autostart --home --host --json --quiet -q --help'; arg=path ;;
         "rm") opts='--yes -y --dry-run --home --json --quiet -q --help'; arg=model ;;

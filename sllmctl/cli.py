@@ -19,6 +19,7 @@ from sllmctl.commands import (
     demo,
     hosts,
     ls,
+    migrate,
     pull,
     rm,
     run,
@@ -49,10 +50,11 @@ for module in (convert, pull, ls, show, rm, verify, warm, unload, status, serve,
     app.command(name=module.NAME)(module.command)
 app.command(name="ps")(status.ps)
 app.add_typer(daemon.app, name=daemon.NAME)
-# issue 15 (h/remote): keys, reload and the hosts file
+# keys, reload and the hosts file
 daemon.app.command("keys")(daemon_keys.keys)
 daemon.app.command("reload")(daemon_keys.reload)
 app.add_typer(hosts.app, name=hosts.NAME)
+app.command(name=migrate.NAME)(migrate.command)
 
 
 def _version(value: bool) -> None:

@@ -36,6 +36,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
              "offline": True, "cancel": True},
     "shutdown": {},
     "reload": {},
+    # issue 17 (h/migrate)
+    "migrate": {"name": "m", "to": "h1", "request": "req-1", "dry_run": 1},
+    "migrate_in": {"migration": "ab12cd34", "name": "m", "state": "{}", "round": 2},
+    "migrate_end": {"migration": "ab12cd34ef"},
 }
 
 # per op: (field, bad value) pairs, each of which must be refused naming the field
@@ -59,12 +63,15 @@ MALFORMED: list[tuple[str, str, Any]] = [
     ("pull", "revision", ""), ("pull", "dtype", "int4"), ("pull", "compress", 1),
     ("pull", "offline", "yes"), ("pull", "file", "../x.gguf"), ("pull", "file", "x.bin"),
     ("pull", "endpoint", "file:///etc"), ("pull", "token", ""), ("pull", "cancel", None),
+    ("migrate", "to", ""), ("migrate", "dry_run", 2), ("migrate", "dry_run", True),
+    ("migrate_in", "migration", "XYZ12345"), ("migrate_in", "state", 7),
+    ("migrate_in", "round", 0), ("migrate_end", "migration", "ab"),
 ]
 
 
 def test_ops_are_one_table() -> None:
     assert set(messages.OPS) == set(EXAMPLES)
-    assert {"status", "shutdown", "reload"} == messages.FAST_OPS
+    assert {"status", "shutdown", "reload", "migrate_end"} == messages.FAST_OPS
     for m in messages.MESSAGES.values():
         assert m.roles and m.roles <= {messages.ADMIN, messages.PEER, messages.READ}
 

@@ -46,7 +46,7 @@ def _pool(c: Any) -> str:
     if dram and dram.get("capacity"):
         return human_size(dram["capacity"])
     return "25 % of RAM, being set up"
-# --- issue 15: which daemon (h/remote) -------------------------------------------------------
+# --- which daemon: this host's, or one of the hosts file ------------------------------------
 def _select_host(value: Optional[str]) -> Optional[str]:  # noqa: UP045
     from sllmctl.wire.client import select_host
 

@@ -45,7 +45,6 @@ def start_http(state: State, host: str, port: int, api_key: str | None) -> str:
     same address, and the key asked for (a listener is never left open when a key was
     asked; one with a key serves a request for none, still wanting its key)."""
     from sllmctl.daemon import http
-    from sllmctl.daemon.http import ModelHost
 
     address = f"http://{host}:{port}"
     side = state.http
@@ -63,14 +62,21 @@ def start_http(state: State, host: str, port: int, api_key: str | None) -> str:
                                 "(sllmctl daemon stop), then serve with the key")
             return address
         sock = http.bind(host, port)
-        side.host = ModelHost(lambda name: load_chat(state, name),
-                              on_unload=lambda name: unload_gpu(state, name))
+        if side.host is None:  # a migration into this daemon may have made it
+            side.host = model_host(state)
         app = http.make_app(side.host, lambda: Store().names(), api_key,
                             ready=lambda: state.is_ready)
         side.server = http.serve_in_thread(app, sock)
         side.address, side.api_key = address, api_key
         log.info("serving HTTP on %s%s", address, " (API key required)" if api_key else "")
         return address
+
+
+def model_host(state: State) -> Any:
+    from sllmctl.daemon.http import ModelHost
+
+    return ModelHost(lambda name: load_chat(state, name),
+                     on_unload=lambda name: unload_gpu(state, name))
 
 
 def unload_gpu(state: State, name: str) -> None:

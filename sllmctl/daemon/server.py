@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from sllmctl import paths
-from sllmctl.daemon import guard, ops_daemon, ops_pull, ops_serving, ops_tiers
+from sllmctl.daemon import guard, ops_daemon, ops_migrate, ops_pull, ops_serving, ops_tiers
 from sllmctl.daemon.bandwidth import sweep
 from sllmctl.daemon.sizes import dram_pool
 from sllmctl.daemon.state import Job, Settings, State
@@ -62,6 +62,10 @@ HANDLERS: dict[str, Handler] = {
     "serve": ops_serving.serve,
     "unserve": ops_serving.unserve,
     "pull": ops_pull.pull,
+    # live migration, token mode
+    "migrate": ops_migrate.migrate,  # admin: move a model's running requests to a peer
+    "migrate_in": ops_migrate.migrate_in,  # peer: rebuild one and stream its tokens back
+    "migrate_end": ops_migrate.migrate_end,  # peer, fast: let a migrated request go
 }
 assert set(HANDLERS) == set(messages.OPS)
 
@@ -186,7 +190,10 @@ class Daemon:
     def _job(self, identity: bytes, rid: str, msg: Message) -> None:
         last: list[Any] = [0.0, None]  # time and stage of the last event sent
 
-        def progress(stage: str, done: int, total: int) -> None:
+        def progress(stage: str, done: int, total: int, data: Any = None) -> None:
+            if data is not None:  # streamed results (migrate_in's tokens): sent at once
+                self._send(identity, envelope.progress(rid, stage, done, total, data))
+                return
             self.state.progress(rid, stage, done, total)
             now = time.monotonic()
             if now - last[0] >= 0.1 or stage != last[1] or (total and done == total):

@@ -9,8 +9,11 @@ token. Each request (request.py) carries its own state, so a request can be rebu
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 
@@ -30,6 +33,7 @@ class BatchEngine:
         self.max_len = self.runner.max_len
         self.scheduler = Scheduler(slots, self.max_len)
         self._stop = threading.Event()
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="sllmctl-batch", daemon=True)
         self.thread.start()
 
@@ -51,11 +55,22 @@ class BatchEngine:
         eos_ids = self.model.config.eos_ids if eos is None else eos
         return self.add(Request(ids, params, eos=eos_ids, generator=generator))
 
+    def at_step(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn` on the engine thread at the start of its next step (between two tokens
+        of every request: a consistent view, e.g. for `Request.to_dict` or
+        `Scheduler.detach`); its result or error in the future."""
+        done: Future[Any] = Future()
+        self._calls.put((fn, done))
+        self.scheduler.wake()
+        return done
+
     def close(self) -> None:
         self._stop.set()
         self.scheduler.wake()
         self.thread.join(timeout=10)
         self.scheduler.close()
+        while not self._calls.empty():
+            self._calls.get()[1].set_exception(RuntimeError("the engine has closed"))
         self.runner.close()
 
     # ------------------------------------------------------------ the engine thread
@@ -68,6 +83,12 @@ class BatchEngine:
                     self.scheduler.fail_all(e)
 
     def step(self) -> None:
+        while not self._calls.empty():
+            fn, done = self._calls.get()
+            try:
+                done.set_result(fn())
+            except BaseException as e:
+                done.set_exception(e)
         self.scheduler.drop_cancelled()
         while not self._stop.is_set() and (admitted := self.scheduler.admit()) is not None:
             slot, req = admitted

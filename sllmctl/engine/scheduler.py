@@ -51,6 +51,16 @@ class Scheduler:
     def running(self) -> list[tuple[int, Request]]:
         return [(i, r) for i, r in enumerate(self.active) if r is not None]
 
+    def detach(self, req: Request) -> bool:
+        """Let a running request leave its slot without ending it (it carries on elsewhere:
+        its stream stays open); False when it is not running (finished, or still waiting).
+        Only from the engine thread (BatchEngine.at_step)."""
+        for slot, running in self.running():
+            if running is req and not req.cancelled.is_set():
+                self.active[slot] = None
+                return True
+        return False
+
     def drop_cancelled(self) -> None:
         for slot, req in self.running():
             if req.cancelled.is_set():

@@ -93,9 +93,15 @@ def reply_error(rid: str | None, code: str, e: SllmError) -> list[bytes]:
                   "error": error})]
 
 
-def progress(rid: str, stage: str, done: int, total: int) -> list[bytes]:
-    return [dump({"v": PROTOCOL_VERSION, "id": rid, "type": "progress", "stage": stage,
-                  "done": done, "total": total})]
+def progress(rid: str, stage: str, done: int, total: int,
+             data: dict[str, Any] | None = None) -> list[bytes]:
+    """A progress event; `data` (an object) rides along where an operation streams results
+    (migrate_in's tokens)."""
+    event = {"v": PROTOCOL_VERSION, "id": rid, "type": "progress", "stage": stage,
+             "done": done, "total": total}
+    if data is not None:
+        event["data"] = data
+    return [dump(event)]
 
 
 def decode_reply(frames: list[bytes]) -> dict[str, Any]:

@@ -268,9 +268,66 @@ class Reload(Message):
     fast = True
 
 
+# ------------------------------------------------------------ live migration (token mode)
+MIGRATION_ID_RE = re.compile(r"[0-9a-f]{8,64}")
+MAX_STATE = 900_000  # characters of a request's state (Request.to_dict as JSON)
+
+
+@dataclass
+class Migrate(Message):
+    """Move the running requests of a served model (or one, `request`) to the daemon the
+    hosts file names `to`, in token mode; `dry_run` (0/1) lists them only."""
+
+    op = "migrate"
+    name: str = arg(str)
+    to: str = arg(str, lo=1, hi=64)
+    request: str | None = arg(str, None, nullable=True, lo=1, hi=128)
+    dry_run: int = arg(int, 0, lo=0, hi=1)
+
+    def check(self) -> None:
+        _model_name(self.op, self.name)
+
+
+@dataclass
+class MigrateIn(Message):
+    """Daemon to daemon: rebuild a request from its state (prefill) and continue it,
+    streaming each token back as an event; a later round of the same migration replaces
+    the earlier one."""
+
+    op = "migrate_in"
+    roles = frozenset({ADMIN, PEER})
+    migration: str = arg(str, lo=8, hi=64)
+    name: str = arg(str)
+    state: str = arg(str, lo=2, hi=MAX_STATE, secret=True)  # JSON: the prompt is user data
+    round: int = arg(int, 1, lo=1, hi=1000)
+
+    def check(self) -> None:
+        _model_name(self.op, self.name)
+        _migration_id(self.op, self.migration)
+
+
+@dataclass
+class MigrateEnd(Message):
+    """Daemon to daemon: let the migrated request go (its client left, or the source
+    takes it back)."""
+
+    op = "migrate_end"
+    fast = True
+    roles = frozenset({ADMIN, PEER})
+    migration: str = arg(str, lo=8, hi=64)
+
+    def check(self) -> None:
+        _migration_id(self.op, self.migration)
+
+
+def _migration_id(op: str, value: str) -> None:
+    if not MIGRATION_ID_RE.fullmatch(value):
+        raise BadRequest(f"{op}: migration must be 8 to 64 hex digits", field="migration")
+
+
 MESSAGES: dict[str, type[Message]] = {
     m.op: m for m in (Ping, Status, Warm, Unload, Measure, Serve, Unserve, Pull, Shutdown,
-                      Reload)}
+                      Reload, Migrate, MigrateIn, MigrateEnd)}
 OPS = tuple(MESSAGES)
 FAST_OPS = frozenset(op for op, m in MESSAGES.items() if m.fast)
 
