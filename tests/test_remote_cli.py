@@ -96,3 +96,26 @@ def test_plan_modes(home: Path) -> None:
 def test_keys_on_loopback_without_a_pair_is_an_error(home: Path) -> None:
     r = sllmctl("daemon", "start", "--foreground", "--keys", "--listen", "127.0.0.1:7399")
     assert r.returncode == 1 and "no key pair" in r.stderr and "sllmctl daemon keys" in r.stderr
+
+
+def test_reload_names_a_host_key_that_changed_on_disk(home: Path, tmp_path: Path) -> None:
+    """The allow-list reloads in place; a new host key pair cannot (the socket keeps the key
+    it started with), so reload says so instead of passing in silence."""
+    guard.make_keys()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    g = guard.secure(ctx, sock, "curve", "tcp://10.0.0.2:7070")
+    try:
+        before = g.pair
+        assert before is not None and g.reload()["keys"] == 1  # unchanged: a plain reload
+        other = keys.create_keys(tmp_path / "other")
+        for name in ("host.key", "host.key_secret"):
+            (guard.keys_dir() / name).write_bytes((tmp_path / "other" / name).read_bytes())
+        with pytest.raises(SllmError, match="takes a restart") as e:
+            g.reload()
+        assert before.fingerprint in e.value.message and other.fingerprint in e.value.message
+        assert g.pair == before  # still the key in force
+    finally:
+        g.stop()
+        sock.close(linger=0)
+        ctx.term()

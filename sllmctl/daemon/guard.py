@@ -127,7 +127,26 @@ class Guard:
             raise SllmError(f"this daemon runs without keys ({self.mode}): there is no "
                             "allow-list to reload", hint="start it with --keys to use one")
         count = self.auth.reload()
+        self._check_host_key(count)
         return {"allow_list": str(self.auth.allow_path), "keys": count}
+
+    def _check_host_key(self, count: int) -> None:
+        """A host key pair changed on disk is not in force until a restart (the bound socket
+        keeps the key it started with): say so rather than pretend it was reloaded."""
+        if self.pair is None:
+            return
+        try:
+            on_disk: keys.KeyPair | None = keys.load_keys(keys_dir())
+        except SllmError as e:
+            on_disk, why = None, e.message
+        if on_disk is not None and on_disk.public == self.pair.public:
+            return
+        found = (f"host key {on_disk.fingerprint} on disk" if on_disk is not None
+                 else f"no usable host key on disk ({why})")
+        raise SllmError(f"the allow-list was reloaded ({count} keys), but the daemon still uses "
+                        f"host key {self.pair.fingerprint}: {found}; a new host key takes a "
+                        "restart", hint="sllmctl daemon restart, then give clients the new "
+                        "key (sllmctl daemon keys --show; sllmctl hosts add NAME ... --key KEY)")
 
     def describe(self) -> dict[str, Any]:
         """For status: the mode, the host key's fingerprint, the allow-list's size."""

@@ -139,8 +139,8 @@ class Daemon:
         self.hup.clear()
         try:
             log.info("SIGHUP: %s", self.guard.reload())
-        except SllmError as e:  # the list in force stays
-            log.error("SIGHUP: the allow-list was not reloaded: %s", e.message)
+        except SllmError as e:  # a bad list: the one in force stays; a new host key: a restart
+            log.error("SIGHUP: %s", e.message)
 
     def _answer(self, id_frame: zmq.Frame, received: list[zmq.Frame]) -> None:
         """Answer one request; nothing it holds may stop the loop."""
