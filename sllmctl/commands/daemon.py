@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -118,41 +118,35 @@ def restart(
 
     if listen:  # a bad --listen fails before the running daemon stops
         runtime.listen_endpoint(listen)
-    conn = client.read_connection()
-    before = running_options(conn.pid if conn else None)
+    before = running_options()
     pid = client.stop()
-    c = client.start_detached(listen=listen or before.get("--listen"),
-                              dram_pool=dram_pool or before.get("--dram-pool"),
+    c = client.start_detached(listen=listen or before.get("listen"),
+                              dram_pool=dram_pool or before.get("dram_pool"),
                               measure_bytes=measure_bytes if measure_bytes is not None else
-                              _int(before.get("--measure-bytes")),
-                              security=[f for f in ("--keys", "--insecure") if f in before])
+                              before.get("measure_bytes"), security=before.get("security"))
     info = {**c.call("status")["daemon"], "stopped": pid}
     Out(json, quiet).result(info, lambda: print(
         (f"daemon stopped (pid {pid}); " if pid else "no daemon was running; ")
         + f"running: pid {info['pid']}, {info['endpoint']}"))
 
 
-def running_options(pid: int | None) -> dict[str, str]:
-    """The options a running daemon was started with, read from its command line."""
-    if not pid:
-        return {}
+def running_options() -> dict[str, Any]:
+    """The options the running daemon was started with, as its status reports them (its
+    settings and its security mode); nothing when none answers."""
+    from sllmctl.errors import DaemonUnreachable
+    from sllmctl.wire import client, runtime
+
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
+        info = client.connect(autostart=False).call("status")["daemon"]
+    except DaemonUnreachable:
         return {}
-    options: dict[str, str] = {}
-    options.update({flag: "" for flag in ("--keys", "--insecure") if flag in argv})
-    for flag in ("--listen", "--dram-pool", "--measure-bytes"):
-        for i, arg in enumerate(argv[:-1]):
-            if arg == flag:
-                options[flag] = argv[i + 1]
-            elif arg.startswith(flag + "="):
-                options[flag] = arg.split("=", 1)[1]
-    return options
-
-
-def _int(value: str | None) -> int | None:
-    return int(value) if value and value.isdigit() else None
+    settings, mode = info.get("settings", {}), info.get("security", {}).get("mode")
+    endpoint = settings.get("endpoint")
+    listen = (endpoint.removeprefix("tcp://") if endpoint and
+              endpoint != runtime.default_endpoint() else None)
+    return {"listen": listen, "dram_pool": settings.get("dram_pool"),
+            "measure_bytes": settings.get("measure_bytes"),
+            "security": {"curve": ["--keys"], "insecure": ["--insecure"]}.get(mode or "", [])}
 
 
 @app.command("logs")

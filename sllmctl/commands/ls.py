@@ -36,9 +36,8 @@ def command(home: HomeOpt = None, json: JsonOpt = False, quiet: QuietNames = Fal
     """List stored models: parameters, size, size on disk (and whether compressed)."""
     from sllmctl.store.store import Store
 
-    names = Store().names()
     if quiet and not json:
-        print("".join(f"{n}\n" for n in names), end="", flush=True)
+        print("".join(f"{n}\n" for n in Store().names()), end="", flush=True)
         return
     out = Out(json, quiet)
     rows = []
