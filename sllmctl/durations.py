@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import re
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0,
+          "d": 86400.0}  # Go's units, as ollama takes them, and days
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
 _NUMBER = re.compile(r"[+-]?(\d+(?:\.\d*)?|\.\d+)")
 
 EXAMPLES = "e.g. 300, 30s, 5m, 1h30m, or -1 for ever"

@@ -11,21 +11,19 @@ and strings that cannot be UTF-8 (a lone surrogate such as \\ud800).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.responses import Response
 
+from sllmctl.durations import parse_duration
 from sllmctl.engine.request import SamplingParams
 
 MAX_BODY = 4 << 20  # bytes in one request body (413 beyond)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_MAX_TOKENS = 256
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 
 class ApiError(Exception):
@@ -102,31 +100,11 @@ def keep_alive(value: Any) -> float | None:
     seconds or a duration string; negative keeps it loaded for good)."""
     if value is None:
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return -1.0 if value < 0 else float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        sign = -1.0 if text.startswith("-") else 1.0
-        text = text.lstrip("+-")
-        seconds: float | None
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = _duration(text)
-        if seconds is not None and math.isfinite(seconds):
-            return -1.0 if sign < 0 and seconds > 0 else seconds
+    if isinstance(value, str | int | float):
+        with contextlib.suppress(ValueError):
+            return parse_duration(value)
     raise ApiError(400, "keep_alive must be seconds or a duration such as 5m, 1h or 30s "
                    "(negative keeps the model loaded)", param="keep_alive")
-
-
-def _duration(text: str) -> float | None:
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            return None
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    return total if text and pos == len(text) else None
 
 
 def messages(value: Any) -> list[dict[str, Any]]:
