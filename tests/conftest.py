@@ -31,7 +31,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 # `pytest --durations=40`): modules whose tests share one expensive fixture (a conversion of the
 # demo model, a transformers reference) and single tests over 5 s. scripts/check runs the
 # rest first, then these; `pytest -m "not slow"` is the quick loop.
-SLOW_MODULES = {"test_run.py", "test_serve.py", "test_gguf.py"}
+SLOW_MODULES = {"test_run.py", "test_serve.py", "test_gguf.py", "test_gguf_tiny.py"}
 SLOW_TESTS = {
     "test_atomic.py::test_sigkill_during_convert_leaves_store_unchanged",
     "test_engine.py::test_smollm2_greedy_matches_transformers",
