@@ -37,10 +37,10 @@ _sllmctl() {
     esac
     local opts="" arg=none
     case "$cmd" in
-        "completion") opts='--help'; arg=path ;;
+        "completion") opts='--json --help'; arg=path ;;
         "convert") opts='--name -n --dtype --force --compress --no-compress --home --json --quiet -q --help'; arg=path ;;
         "daemon keys") opts='--show --json --quiet -q --help'; arg=none ;;
-        "daemon logs") opts='--follow -f --lines -n --home --help'; arg=none ;;
+        "daemon logs") opts='--follow -f --lines -n --home --json --help'; arg=none ;;
         "daemon reload") opts='--host --json --quiet -q --help'; arg=none ;;
         "daemon restart") opts='--listen --dram-pool --measure-bytes --home --json --quiet -q --help'; arg=none ;;
         "daemon start") opts='--foreground --listen --dram-pool --measure-bytes --home --keys --insecure --json --quiet -q --help'; arg=none ;;

@@ -22,6 +22,14 @@ def test_completion_prints_the_shipped_script(shell: str, path: str) -> None:
     assert r.returncode == 0 and r.stdout == (ROOT / "completions" / path).read_text()
 
 
+def test_completion_json_carries_the_script() -> None:
+    import json
+
+    r = sllmctl("completion", "fish", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {
+        "shell": "fish", "script": (ROOT / "completions" / "sllmctl.fish").read_text()}
+
+
 def test_unknown_shell_is_a_usage_error() -> None:
     r = sllmctl("completion", "tcsh")
     assert r.returncode == 2 and r.stderr.startswith("error: no completion for 'tcsh'")

@@ -74,6 +74,8 @@ def test_daemon_logs_and_restart_with_the_same_options(daemon: int) -> None:
     r = sllmctl("daemon", "logs")
     assert r.returncode == 0 and f"(pid {daemon})" in r.stdout
     assert len(sllmctl("daemon", "logs", "-n", "1").stdout.splitlines()) == 1
+    lines = sllmctl("daemon", "logs", "-n", "2", "--json").stdout.splitlines()
+    assert len(lines) == 2 and all(set(json.loads(x)) == {"file", "line"} for x in lines)
     r = sllmctl("daemon", "restart", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)

@@ -11,6 +11,9 @@ from typing import Annotated
 
 import typer
 
+from sllmctl.commands._common import JsonOpt
+from sllmctl.output import Out
+
 NAME = "completion"
 SHELLS = ("bash", "zsh", "fish")
 
@@ -18,6 +21,7 @@ SHELLS = ("bash", "zsh", "fish")
 def command(
     ctx: typer.Context,
     shell: Annotated[str, typer.Argument(help="bash, zsh or fish.")],
+    json: JsonOpt = False,
 ) -> None:
     """Print the shell completion script for bash, zsh or fish.
 
@@ -32,4 +36,8 @@ def command(
     from sllmctl.commands import _completion_scripts as scripts
     from sllmctl.commands._completion_model import model
 
-    print(getattr(scripts, shell)(*model(ctx.find_root().command)), end="")
+    script = getattr(scripts, shell)(*model(ctx.find_root().command))
+    if json:
+        Out(json).result({"shell": shell, "script": script})
+    else:
+        print(script, end="")

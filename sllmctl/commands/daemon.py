@@ -156,8 +156,10 @@ def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", help="Print the last N lines "
                                        "(0: the whole log).")] = 50,
     home: HomeOpt = None,
+    json: JsonOpt = False,
 ) -> None:
-    """Print the daemon's log (the one a detached daemon writes in the runtime folder)."""
+    """Print the daemon's log (the one a detached daemon writes in the runtime folder);
+    `--json`: one JSON object a line, {"file", "line"}."""
     import sys
     import time
 
@@ -167,14 +169,22 @@ def logs(
 
         raise SllmError(f"no daemon log at {path}",
                         hint="a detached daemon writes it: sllmctl daemon start")
+    def emit(line: str) -> None:
+        if json:
+            import json as json_
+
+            line = json_.dumps({"file": str(path), "line": line.rstrip("\n")}) + "\n"
+        sys.stdout.write(line)
+
     with path.open("r", errors="replace") as f:
         text = f.readlines()
-        sys.stdout.writelines(text[-lines:] if lines > 0 else text)
+        for line in text[-lines:] if lines > 0 else text:
+            emit(line)
         sys.stdout.flush()
         while follow:
             line = f.readline()
             if line:
-                sys.stdout.write(line)
+                emit(line)
                 sys.stdout.flush()
             else:
                 time.sleep(0.25)
